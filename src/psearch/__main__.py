@@ -1,0 +1,5 @@
+import sys
+
+from psearch.cli import main
+
+sys.exit(main())

@@ -1,0 +1,59 @@
+"""Atomic outputs: write to a temporary sibling, rename into place on success.
+
+A failed or killed run therefore leaves either the complete previous output or
+nothing where the final file or directory would be (DVC relies on this).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temporary directory that replaces `final` when the block succeeds."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        if not overwrite:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise FileExistsError(final)
+        # Move the old one aside first so the swap is as short as possible.
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+    else:
+        os.replace(tmp, final)
+
+
+@contextlib.contextmanager
+def atomic_file(final: str | os.PathLike, mode: str = "w") -> Iterator[Path]:
+    """Yield a temporary path in the same directory; rename it onto `final` on success."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, final)
+
+
+def write_text_atomic(final: str | os.PathLike, text: str) -> None:
+    with atomic_file(final) as tmp:
+        tmp.write_text(text)

@@ -1,0 +1,311 @@
+"""params.yaml as typed, validated sections.
+
+One dataclass per section. `load_params` reads the file (or the built-in
+defaults), applies `--set SECTION.KEY=VALUE` overrides and validates every key
+and type before any work starts; problems are one-line `PsearchError`s naming
+the key. Only the standard library and PyYAML are imported here, so commands
+that do not need torch stay fast to start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from psearch.errors import PsearchError
+
+
+@dataclass
+class DataConfig:
+    """The synthetic dataset written by `psearch synth` (the `synth` DVC stage)."""
+
+    preset: Literal["tiny", "demo", "full"] = "demo"
+    seed: int = 0
+
+
+@dataclass
+class IngestConfig:
+    format: Literal["cuhk-sysu", "prw"] = "cuhk-sysu"
+
+
+@dataclass
+class ModelConfig:
+    """Architecture shared by pretrain, train and extract."""
+
+    # small: a CPU-friendly trunk for the demo; vgg16: the paper; resnet50: the modern option.
+    backbone: Literal["small", "vgg16", "resnet50"] = "small"
+    # None = random init; a local file path; or a torchvision weights name (downloads).
+    backbone_weights: str | None = None
+    feat_dim: int = 256
+    roi_op: Literal["roi_pool", "roi_align"] = "roi_pool"
+    roi_size: int = 7
+    # Width of fc6/fc7 for the small backbone (vgg16 uses 4096, resnet50 its res5 head).
+    head_dim: int = 256
+    # 9 anchors per location: 3 sizes x 3 aspect ratios (height / width), as the paper.
+    anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128])
+    anchor_ratios: list[float] = field(default_factory=lambda: [1.0, 2.0, 3.0])
+    rpn_pre_nms_top_n_train: int = 2000
+    rpn_post_nms_top_n_train: int = 300
+    rpn_pre_nms_top_n_test: int = 1000
+    rpn_post_nms_top_n_test: int = 100
+    rpn_nms_thresh: float = 0.7
+    rpn_batch_size_per_image: int = 256
+    roi_batch_size_per_image: int = 128
+    box_score_thresh: float = 0.05
+    box_nms_thresh: float = 0.4
+    detections_per_img: int = 100
+    # Images are resized so the shorter side is min_size (longer side capped at max_size).
+    min_size: int = 288
+    max_size: int = 480
+
+
+@dataclass
+class LossConfig:
+    # rss: random sampling softmax (the paper); softmax: the ablation baseline; oim: follow-up.
+    reid_loss: Literal["rss", "softmax", "oim"] = "rss"
+    rss_k: int = 100
+    oim_momentum: float = 0.5
+    oim_scalar: float = 30.0
+    oim_queue_size: int = 500
+
+
+@dataclass
+class PretrainConfig:
+    """IDNet: classify cropped ground-truth and background boxes into C + 1 classes."""
+
+    crop_height: int = 96
+    crop_width: int = 48
+    batch_size: int = 256
+    epochs: int = 4
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    background_ratio: float = 1.0
+    num_workers: int = 2
+    seed: int = 0
+    device: str = "auto"
+
+
+@dataclass
+class TrainConfig:
+    """Joint detection + re-identification training."""
+
+    batch_size: int = 2
+    epochs: int = 4
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_step: int = 0  # step (in iterations) where lr is multiplied by 0.1; 0 = never
+    warmup_iters: int = 50
+    grad_clip: float = 10.0
+    amp: Literal["off", "bf16", "fp16"] = "bf16"
+    hflip: float = 0.5
+    checkpoint_every: int = 200
+    num_workers: int = 2
+    seed: int = 0
+    device: str = "auto"
+    loss: LossConfig = field(default_factory=LossConfig)
+
+
+@dataclass
+class ExtractConfig:
+    batch_size: int = 4
+    num_workers: int = 2
+    device: str = "auto"
+    amp: bool = True
+
+
+@dataclass
+class EvaluateConfig:
+    det_thresh: float = 0.5
+    det_eval_thresh: float = 0.01
+    # None = every gallery size present in the manifests.
+    gallery_sizes: list[int] | None = None
+    # PRW convention: only frames from other cameras are in the gallery.
+    cross_camera: bool = False
+    worst_queries: int = 20
+
+
+@dataclass
+class RegisterConfig:
+    model_name: str = "person-search"
+    metric: str = "search.gallery_100.mAP"
+    alias: str = "champion"
+
+
+@dataclass
+class TrackingConfig:
+    # None = $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory.
+    tracking_uri: str | None = None
+    experiment: str = "person-search"
+    enabled: bool = True
+
+
+@dataclass
+class Params:
+    data: DataConfig = field(default_factory=DataConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    register: RegisterConfig = field(default_factory=RegisterConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    # The Kubeflow pipeline's settings (images, resources); free-form, checked by psearch.pipeline.
+    pipeline: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------
+# validation
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Return `value` checked (and mildly coerced: int -> float) against type hint `tp`."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except PsearchError as exc:
+                errors.append(str(exc))
+        raise PsearchError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            raise PsearchError(f"{key}: {value!r} is not one of {choices}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise PsearchError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise PsearchError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise PsearchError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise PsearchError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise PsearchError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise PsearchError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise PsearchError(f"{key}: unsupported type {_type_name(tp)}")
+
+
+def _build(cls: type, data: Any, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys and wrong types."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise PsearchError(f"{prefix or 'params'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            where = f"{prefix}.{key}" if prefix else str(key)
+            raise PsearchError(f"unknown parameter {where} (known: {', '.join(sorted(known))})")
+    kwargs = {}
+    for name in known:
+        if name in data:
+            where = f"{prefix}.{name}" if prefix else name
+            kwargs[name] = _coerce(data[name], hints[name], where)
+    return cls(**kwargs)
+
+
+def to_dict(params: Any) -> dict[str, Any]:
+    return dataclasses.asdict(params)
+
+
+def flatten(params: Any, prefix: str = "") -> dict[str, Any]:
+    """{'train.lr': 0.001, ...} for logging as MLflow params."""
+    tree = to_dict(params) if dataclasses.is_dataclass(params) else params
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, name))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _apply_override(tree: dict[str, Any], assignment: str) -> None:
+    if "=" not in assignment:
+        raise PsearchError(f"--set {assignment!r}: expected SECTION.KEY=VALUE")
+    dotted, raw = assignment.split("=", 1)
+    parts = dotted.strip().split(".")
+    if len(parts) < 2 or not all(parts):
+        raise PsearchError(f"--set {assignment!r}: expected SECTION.KEY=VALUE")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise PsearchError(f"--set {assignment!r}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+DEFAULT_PARAMS_FILE = "params.yaml"
+
+
+def read_params_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise PsearchError(f"{path}: params file not found")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise PsearchError(f"{path}: not valid YAML{where}") from None
+    if not isinstance(tree, dict):
+        raise PsearchError(f"{path}: expected a mapping of sections at the top level")
+    return tree
+
+
+def load_params(path: str | Path | None = None, overrides: list[str] | None = None) -> Params:
+    """params.yaml (or `path`, or built-in defaults when neither exists) plus overrides."""
+    if path is None and Path(DEFAULT_PARAMS_FILE).is_file():
+        path = DEFAULT_PARAMS_FILE
+    tree = read_params_file(path) if path is not None else {}
+    for assignment in overrides or []:
+        _apply_override(tree, assignment)
+    source = str(path) if path is not None else "defaults"
+    try:
+        return _build(Params, tree)
+    except PsearchError as exc:
+        raise PsearchError(f"{source}: {exc}") from None
