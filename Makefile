@@ -31,5 +31,13 @@ lint: $(STAMP)
 bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
+# The Kubeflow images, tagged as the pipeline names them (params.yaml `pipeline`, or
+# $PSEARCH_IMAGE_CPU / $PSEARCH_IMAGE_GPU). Needs Docker; push with `docker push` after.
+images: $(STAMP)
+	docker build -f docker/Dockerfile --build-arg PSEARCH_GIT_REV=$$(git rev-parse HEAD) \
+		-t $$($(BIN)/python -m psearch.pipeline.settings cpu) .
+	docker build -f docker/Dockerfile.cuda --build-arg PSEARCH_GIT_REV=$$(git rev-parse HEAD) \
+		-t $$($(BIN)/python -m psearch.pipeline.settings gpu) .
+
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -14,12 +14,24 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _normal_mode(path: Path, is_dir: bool) -> None:
+    """mkdtemp/mkstemp create 0700/0600; give outputs the modes a plain mkdir/open would."""
+    path.chmod((0o777 if is_dir else 0o666) & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary directory that replaces `final` when the block succeeds."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    _normal_mode(tmp, is_dir=True)
     try:
         yield tmp
     except BaseException:
@@ -46,6 +58,7 @@ def atomic_file(final: str | os.PathLike, mode: str = "w") -> Iterator[Path]:
     fd, name = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
     os.close(fd)
     tmp = Path(name)
+    _normal_mode(tmp, is_dir=False)
     try:
         yield tmp
     except BaseException:

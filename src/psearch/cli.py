@@ -16,6 +16,7 @@ import sys
 
 from psearch import __version__
 from psearch.errors import PsearchError
+from psearch.tracking import dvc_stage
 
 # Every module here defines add_commands(subparsers, common) (see _common_parser).
 COMMAND_MODULES = [
@@ -77,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     debug = args.debug or os.environ.get("PSEARCH_DEBUG") == "1"
     try:
-        result = args.func(args)
+        # Under `dvc repro`, note the stage's times for the pipeline's MLflow run (tracking.py).
+        with dvc_stage(args.command):
+            result = args.func(args)
     except PsearchError as exc:
         if debug:
             raise

@@ -104,7 +104,9 @@ def read_parquet(path: str | Path, schema: pa.Schema | None = None) -> pa.Table:
     if not path.is_file():
         raise PsearchError(f"{path}: file not found")
     try:
-        table = pq.read_table(path)
+        # ParquetFile, not pq.read_table: the latter imports pyarrow.dataset and pandas (~1-2 s).
+        with pq.ParquetFile(path) as parquet:
+            table = parquet.read()
     except (OSError, pa.ArrowException) as exc:
         raise PsearchError(f"{path}: not a readable Parquet file ({exc})") from None
     if schema is not None:
@@ -130,7 +132,9 @@ def feature_dim(table: pa.Table, path: str | Path) -> int:
         raise PsearchError(f"{path}: missing column 'feature'")
     ftype = table.schema.field("feature").type
     if not pa.types.is_fixed_size_list(ftype) or ftype.value_type != pa.float32():
-        raise PsearchError(f"{path}: column 'feature' has type {ftype}, expected fixed_size_list<float32>[D]")
+        raise PsearchError(
+            f"{path}: column 'feature' has type {ftype}, expected fixed_size_list<float32>[D]"
+        )
     return ftype.list_size
 
 

@@ -1,0 +1,1 @@
+"""Networks of the paper (joint net, IDNet), identity losses, model files (see docs/models.md)."""

@@ -1,0 +1,17 @@
+"""Extract-merge: combine the extraction shards into the contract's detection files."""
+
+from kfp.dsl import Dataset, Input, Output
+
+IMAGE = "cpu"
+
+
+def extract_merge(parts: Input[list[Dataset]], detections: Output[Dataset]):
+    """Concatenate the shards (refusing gaps and overlaps) into one detections artifact."""
+    from pathlib import Path
+
+    from psearch import stages
+    from psearch.pipeline.runtime import shard_parts, summary_line
+
+    part_dirs = shard_parts([part.path for part in parts])
+    summary = stages.extract_merge(part_dirs, Path(detections.path))
+    print(summary_line("extract-merge", summary))

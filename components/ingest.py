@@ -1,0 +1,17 @@
+"""Ingest: raw CUHK-SYSU / PRW dataset (on the mounted PVC) -> manifests (Parquet)."""
+
+from kfp.dsl import Dataset, Output
+
+IMAGE = "cpu"
+
+
+def ingest(dataset_root: str, params_json: str, manifests: Output[Dataset]):
+    """Read the raw dataset at `dataset_root`; write the manifests artifact."""
+    from pathlib import Path
+
+    from psearch import stages
+    from psearch.pipeline.runtime import stage_params, summary_line
+
+    cfg = stage_params(params_json)
+    summary = stages.ingest(Path(dataset_root), Path(manifests.path), cfg.ingest)
+    print(summary_line("ingest", summary))

@@ -1,0 +1,37 @@
+"""Register: the trained model as a new MLflow registry version; decide promotion."""
+
+from kfp.dsl import Artifact, Input, Model
+
+IMAGE = "cpu"
+
+
+def register(
+    model: Input[Model],
+    report: Input[Artifact],
+    params_json: str,
+    pipeline_run_id: str,
+) -> str:
+    """Register `model` with the metrics in `report`; return the new version when it beats
+    the champion (the pipeline's dsl.If then promotes it), else an empty string.
+
+    One plain output rather than (version, beats) because kfp.local cannot resolve a
+    condition on one field of a NamedTuple output. This is the last stage every
+    execution runs, so it also ends the pipeline's MLflow run.
+    """
+    from pathlib import Path
+
+    from psearch import stages
+    from psearch.pipeline.runtime import (
+        beats_champion,
+        close_pipeline_run,
+        stage_params,
+        summary_line,
+    )
+
+    cfg = stage_params(params_json, pipeline_run_id)
+    summary = stages.register(Path(model.path), Path(report.path) / "metrics.json", cfg)
+    print(summary_line("register", summary))
+    beats, reason = beats_champion(cfg, summary["version"])
+    print(f"psearch register: {reason}")
+    close_pipeline_run(cfg, pipeline_run_id)
+    return summary["version"] if beats else ""

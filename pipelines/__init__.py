@@ -1,0 +1,1 @@
+"""The Kubeflow pipeline definitions (person_search.py) and their compiled IR."""

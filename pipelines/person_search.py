@@ -1,0 +1,159 @@
+"""The person-search pipeline as a Kubeflow Pipelines v2 DAG.
+
+    tracking ─┐
+    ingest ───┴─► pretrain ─► train ─► extract × N shards (ParallelFor) ─► extract_merge (Collected)
+                                                                                │
+             promote ◄── dsl.If(beats champion) ◄── register ◄── evaluate ◄─────┘
+
+Pipeline parameters (defaults taken from params.yaml when compiled):
+  dataset_root  where the raw dataset is; in the cluster, a path under the dataset PVC's mount
+  params_json   every params.yaml section except `pipeline`, as JSON (JSON, not a dict
+                parameter, because KFP refuses nulls in dict parameters and params.yaml has some)
+
+Compile-time settings (the `pipeline` section: images, resources, PVC, Secret, GPU
+placement, number of extraction shards) shape the DAG itself; see
+psearch.pipeline.settings. `build_pipeline` returns the @dsl.pipeline function;
+`psearch pipeline compile` writes it to pipelines/person_search.yaml.
+
+Only kfp-kubernetes and resource settings are cluster-specific; kfp.local ignores
+them without error (checked in tests/test_pipeline_local.py), so `psearch pipeline
+run-local` runs this very DAG, passing a local dataset_root instead of the PVC.
+"""
+
+import json
+from typing import Any
+
+from kfp import dsl, kubernetes
+
+from components import build_components
+from psearch.pipeline.settings import PipelineSettings
+
+
+def _resources(task: dsl.PipelineTask, stage: str, settings: PipelineSettings) -> None:
+    res = settings.resources[stage]
+    task.set_cpu_request(res.cpu_request).set_cpu_limit(res.cpu_limit)
+    task.set_memory_request(res.memory_request).set_memory_limit(res.memory_limit)
+    if res.gpus:
+        task.set_accelerator_type(settings.gpu_resource).set_accelerator_limit(res.gpus)
+        # GPU nodes are usually labelled and tainted so that only GPU work lands there.
+        for key, value in settings.gpu_node_selector.items():
+            kubernetes.add_node_selector(task, label_key=key, label_value=value)
+        for tol in settings.gpu_tolerations:
+            kubernetes.add_toleration(
+                task, key=tol.key, operator=tol.operator, value=tol.value, effect=tol.effect
+            )
+
+
+def _credentials(task: dsl.PipelineTask, settings: PipelineSettings) -> None:
+    """MLflow and S3 credentials from the Kubernetes Secret, never literals in the spec."""
+    required = {key: key for key in settings.secret_required}
+    optional = {key: key for key in settings.secret_optional}
+    if required:
+        kubernetes.use_secret_as_env(task, secret_name=settings.secret, secret_key_to_env=required)
+    if optional:
+        # A key missing from the Secret leaves the variable unset instead of blocking the pod.
+        kubernetes.use_secret_as_env(
+            task, secret_name=settings.secret, secret_key_to_env=optional, optional=True
+        )
+
+
+def _dataset(task: dsl.PipelineTask, settings: PipelineSettings) -> None:
+    """The raw images, read by every stage that opens them (manifests store paths under it)."""
+    kubernetes.mount_pvc(task, pvc_name=settings.dataset_pvc, mount_path=settings.dataset_mount)
+
+
+def _configure(
+    task: dsl.PipelineTask,
+    stage: str,
+    settings: PipelineSettings,
+    *,
+    cache: bool,
+    tracked: bool = True,
+    dataset: bool = False,
+) -> dsl.PipelineTask:
+    task.set_display_name(stage.replace("_", "-"))
+    task.set_caching_options(cache)
+    _resources(task, stage, settings)
+    if tracked:
+        _credentials(task, settings)
+    if dataset:
+        _dataset(task, settings)
+    return task
+
+
+def build_pipeline(params_tree: dict[str, Any], settings: PipelineSettings):
+    """The pipeline function, with `params_tree` (params.yaml minus `pipeline`) as defaults."""
+    c = build_components(settings)
+    default_params = json.dumps(params_tree, sort_keys=True)
+    shards = list(range(settings.extract_shards))
+
+    def person_search(
+        dataset_root: str = settings.dataset_mount,
+        params_json: str = default_params,
+    ):
+        """Person search: ingest, pretrain, train, extract, evaluate, register, promote."""
+        run = c.tracking(
+            params_json=params_json,
+            kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+            kfp_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
+        )
+        # A new MLflow run per execution: never served from the cache.
+        _configure(run, "tracking", settings, cache=False)
+        run_id = run.output
+
+        ingest = c.ingest(dataset_root=dataset_root, params_json=params_json)
+        # Ingest is a pure function of the raw data and params: rerunning a configuration
+        # (a retry after a failed training) reuses its manifests.
+        _configure(ingest, "ingest", settings, cache=True, tracked=False, dataset=True)
+        manifests = ingest.outputs["manifests"]
+
+        pretrain = c.pretrain(manifests=manifests, params_json=params_json, pipeline_run_id=run_id)
+        _configure(pretrain, "pretrain", settings, cache=False, dataset=True)
+
+        train = c.train(
+            manifests=manifests,
+            idnet=pretrain.outputs["idnet"],
+            params_json=params_json,
+            pipeline_run_id=run_id,
+        )
+        # Training is never cached: each run is a new model and a new MLflow run.
+        _configure(train, "train", settings, cache=False, dataset=True)
+        model = train.outputs["model"]
+
+        with dsl.ParallelFor(shards, name="extract-shards") as shard:
+            extract = c.extract(
+                manifests=manifests,
+                model=model,
+                params_json=params_json,
+                shard_index=shard,
+                shard_count=len(shards),
+            )
+            _configure(extract, "extract", settings, cache=True, tracked=False, dataset=True)
+            # A shard lost to a preempted GPU node is retried, not the whole run.
+            extract.set_retry(
+                num_retries=settings.extract_retries, backoff_duration="60s", backoff_factor=2.0
+            )
+
+        merge = c.extract_merge(parts=dsl.Collected(extract.outputs["detections"]))
+        _configure(merge, "extract_merge", settings, cache=True, tracked=False)
+
+        evaluate = c.evaluate(
+            manifests=manifests, detections=merge.outputs["detections"], params_json=params_json
+        )
+        _configure(evaluate, "evaluate", settings, cache=True, tracked=False)
+
+        register = c.register(
+            model=model,
+            report=evaluate.outputs["report"],
+            params_json=params_json,
+            pipeline_run_id=run_id,
+        )
+        # Registering has side effects in the MLflow registry: never cached.
+        _configure(register, "register", settings, cache=False)
+
+        # register's output is the new version when it beats the champion, else "".
+        with dsl.If(register.output != "", name="beats-champion"):
+            promote = c.promote(params_json=params_json, version=register.output)
+            _configure(promote, "promote", settings, cache=False)
+
+    return dsl.pipeline(name=settings.name, description=person_search.__doc__)(person_search)

@@ -1,0 +1,86 @@
+"""`psearch synth` and `psearch ingest` (argument parsing only; the work is in psearch.stages)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_commands(subparsers, common: argparse.ArgumentParser) -> None:
+    p = subparsers.add_parser(
+        "synth",
+        parents=[common],
+        help="write a synthetic dataset in the CUHK-SYSU layout",
+        description="Write a synthetic person-search dataset in the exact CUHK-SYSU on-disk layout "
+        "(Image/SSM/*.jpg, annotation/*.mat). Defaults come from the params `data` section.",
+    )
+    p.add_argument("--out", required=True, type=Path, metavar="ROOT", help="dataset root to write")
+    p.add_argument(
+        "--preset",
+        choices=["tiny", "demo", "full"],
+        default=None,
+        help="size (default: data.preset)",
+    )
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: data.seed)")
+    p.set_defaults(func=_synth)
+
+    p = subparsers.add_parser(
+        "ingest",
+        parents=[common],
+        help="read a raw CUHK-SYSU or PRW dataset into Parquet manifests",
+        description="Read a raw dataset (CUHK-SYSU or PRW layout) and write the manifests directory "
+        "(images, boxes, persons, queries, galleries .parquet + dataset.json).",
+    )
+    p.add_argument(
+        "--format",
+        dest="fmt",
+        choices=["cuhk-sysu", "prw"],
+        default=None,
+        help="layout (default: ingest.format)",
+    )
+    p.add_argument("--root", required=True, type=Path, help="dataset root directory")
+    p.add_argument(
+        "--out", required=True, type=Path, metavar="MANIFESTS", help="manifests directory to write"
+    )
+    p.set_defaults(func=_ingest)
+
+
+def _synth(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from psearch import stages
+    from psearch.cli import load_params_from_args
+
+    cfg = load_params_from_args(args).data
+    if args.preset is not None:
+        cfg = dataclasses.replace(cfg, preset=args.preset)
+    if args.seed is not None:
+        cfg = dataclasses.replace(cfg, seed=args.seed)
+    s = stages.synth(args.out, cfg)
+    print(
+        f"wrote {args.out}: {s['images']} images ({s['train_images']} train, {s['test_images']} test), "
+        f"{s['boxes']} boxes, {s['train_identities']} + {s['test_identities']} identities, "
+        f"{s['queries']} queries, galleries {', '.join(map(str, s['gallery_sizes']))} "
+        f"[preset {s['preset']}, seed {s['seed']}]"
+    )
+    return 0
+
+
+def _ingest(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from psearch import stages
+    from psearch.cli import load_params_from_args
+
+    cfg = load_params_from_args(args).ingest
+    if args.fmt is not None:
+        cfg = dataclasses.replace(cfg, format=args.fmt)
+    info = stages.ingest(args.root, args.out, cfg)
+    c = info["counts"]
+    sizes = ", ".join("all" if g == -1 else str(g) for g in info["gallery_sizes"])
+    print(
+        f"wrote {args.out}: {c['images']} images, {c['boxes']} boxes ({c['labelled_boxes']} labelled, "
+        f"{c['dropped_zero_size_boxes']} zero-size dropped), {c['persons']} persons, "
+        f"{c['queries']} queries, galleries {sizes} [{info['name']}, {info['content_hash'][:19]}]"
+    )
+    return 0

@@ -1,0 +1,163 @@
+"""Backbones: a stride-16 trunk (FCN) and the RoI head that maps pooled features to fc7.
+
+Three kinds, all built from torchvision models:
+
+- ``vgg16``: the paper. conv1-conv5_3 (last max-pool dropped, stride 16, 512 channels) as the
+  trunk; fc6/fc7 (4096, ReLU, dropout) as the RoI head.
+- ``resnet50``: the CVPR'17 follow-up / SeqNet layout. conv1-res4 (stride 16, 1024 channels) as
+  the trunk; res5 + global average pooling (2048) as the RoI head.
+- ``small``: CPU-friendly. MobileNetV3-Large up to its last stride-16 block (112 channels) as
+  the trunk; a narrow two-layer fc head of ``cfg.head_dim`` (fc6/fc7-equivalent).
+
+Random init by default. ``cfg.backbone_weights`` names either a local file holding the state
+dict of the whole torchvision model, or a torchvision weights enum member such as
+``IMAGENET1K_V1`` (downloaded by torchvision, only when the user asks for it). With pretrained
+weights, batch norm is frozen and the stem is not trained, as detection codebases do; with
+random init, plain batch norm is trained.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision import models
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from psearch.config import ModelConfig
+from psearch.errors import PsearchError
+
+# The normalisation every torchvision ImageNet model expects; the joint net and IDNet share it.
+IMAGE_MEAN = [0.485, 0.456, 0.406]
+IMAGE_STD = [0.229, 0.224, 0.225]
+# Feature stride of every trunk (the RoI pooling scale is 1 / TRUNK_STRIDE).
+TRUNK_STRIDE = 16
+
+_TORCHVISION_ARCH = {"small": "mobilenet_v3_large", "vgg16": "vgg16", "resnet50": "resnet50"}
+
+
+class Trunk(nn.Module):
+    """A sequential fully convolutional trunk that records its output channel count."""
+
+    def __init__(self, body: nn.Sequential, out_channels: int) -> None:
+        super().__init__()
+        self.body = body
+        self.out_channels = out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+class FcHead(nn.Module):
+    """fc6 -> fc7 on flattened pooled features (VGG's classifier, or the narrow small head)."""
+
+    def __init__(self, in_features: int, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.fc6 = nn.Linear(in_features, hidden)
+        self.fc7 = nn.Linear(hidden, hidden)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.out_features = hidden
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        x = self.dropout(torch.relu(self.fc6(pooled.flatten(1))))
+        return self.dropout(torch.relu(self.fc7(x)))
+
+
+class ResNetHead(nn.Module):
+    """res5 followed by global average pooling: [N, 1024, s, s] -> [N, 2048]."""
+
+    def __init__(self, layer4: nn.Module) -> None:
+        super().__init__()
+        self.layer4 = layer4
+        self.out_features = 2048
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(nn.functional.adaptive_avg_pool2d(self.layer4(pooled), 1), 1)
+
+
+def _torchvision_model(cfg: ModelConfig, load_weights: bool) -> tuple[nn.Module, bool]:
+    """The torchvision classification model for cfg.backbone, and whether it is pretrained."""
+    arch = _TORCHVISION_ARCH[cfg.backbone]
+    source = cfg.backbone_weights if load_weights else None
+    pretrained = bool(cfg.backbone_weights)  # decides the norm layers even when not loading
+    kwargs = {"norm_layer": FrozenBatchNorm2d} if pretrained and arch == "resnet50" else {}
+    model = models.get_model(arch, weights=None, **kwargs)
+    if source is None:
+        return model, pretrained
+    if Path(source).is_file():
+        try:
+            state = torch.load(source, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise PsearchError(f"{source}: cannot read backbone weights ({exc})") from None
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+    else:
+        enum = models.get_model_weights(arch)
+        if source not in enum.__members__:
+            names = ", ".join(enum.__members__)
+            raise PsearchError(
+                f"model.backbone_weights: {source!r} is neither a file nor a {arch} weights "
+                f"name ({names})"
+            )
+        state = enum[source].get_state_dict(progress=True)
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise PsearchError(f"{source}: not a state dict of torchvision {arch} ({first})") from None
+    return model, pretrained
+
+
+def _freeze(modules: list[nn.Module]) -> None:
+    for module in modules:
+        for param in module.parameters():
+            param.requires_grad_(False)
+
+
+def _freeze_batch_norm(module: nn.Module) -> nn.Module:
+    """Replace BatchNorm2d layers by FrozenBatchNorm2d carrying the same statistics."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
+            frozen.weight.copy_(child.weight.detach())
+            frozen.bias.copy_(child.bias.detach())
+            frozen.running_mean.copy_(child.running_mean)
+            frozen.running_var.copy_(child.running_var)
+            setattr(module, name, frozen)
+        else:
+            _freeze_batch_norm(child)
+    return module
+
+
+def build_backbone(cfg: ModelConfig, load_weights: bool = True) -> tuple[nn.Module, nn.Module]:
+    """(trunk with ``out_channels``, RoI head with ``out_features``) for ``cfg.backbone``.
+
+    ``load_weights=False`` builds the same architecture without reading
+    ``cfg.backbone_weights`` (used when a saved model's own state dict is loaded next).
+    """
+    model, pretrained = _torchvision_model(cfg, load_weights)
+    s = cfg.roi_size
+    if cfg.backbone == "vgg16":
+        # features[:30] ends at conv5_3 + ReLU: four max-pools, stride 16.
+        trunk = Trunk(nn.Sequential(*list(model.features)[:30]), 512)
+        head = FcHead(512 * s * s, 4096, dropout=0.5)
+        if s == 7:  # the ImageNet fc6 expects 7x7 pooled maps
+            head.fc6.load_state_dict(model.classifier[0].state_dict())
+            head.fc7.load_state_dict(model.classifier[3].state_dict())
+        if pretrained:
+            _freeze(list(trunk.body)[:10])  # conv1, conv2 stay fixed as in py-faster-rcnn
+        return trunk, head
+    if cfg.backbone == "resnet50":
+        stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)
+        trunk = Trunk(nn.Sequential(stem, model.layer1, model.layer2, model.layer3), 1024)
+        if pretrained:
+            _freeze([stem, model.layer1])
+        return trunk, ResNetHead(model.layer4)
+    # small: MobileNetV3-Large blocks 0-12 end at stride 16 with 112 channels.
+    body = nn.Sequential(*list(model.features)[:13])
+    if pretrained:
+        _freeze_batch_norm(body)
+        _freeze(list(body)[:4])
+    trunk = Trunk(body, 112)
+    return trunk, FcHead(112 * s * s, cfg.head_dim, dropout=0.0)

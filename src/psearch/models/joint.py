@@ -1,0 +1,274 @@
+"""The joint detection + identification network (Xiao et al., CVPR'17), from torchvision parts.
+
+image -> GeneralizedRCNNTransform (resize, normalise, batch) -> trunk (stride 16)
+      -> RegionProposalNetwork (512-channel 3x3 conv, 9 anchors per location)
+      -> RoI pooling of the proposals -> roi_head (fc6 -> fc7)
+      -> det_score (person / background softmax), box_regressor (second box regression),
+         embedding (fc8, L2-normalised re-id feature) -> identity loss (rss / softmax / oim).
+
+Proposals are detached (torchvision's RPN does so), so the re-id and detection losses of the
+RoI branch reach the shared trunk but never the proposal network's head.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models.detection import _utils as det_utils
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.rpn import RegionProposalNetwork
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops import boxes as box_ops
+from torchvision.ops import roi_align, roi_pool
+
+from psearch.config import LossConfig, ModelConfig
+from psearch.models.backbones import IMAGE_MEAN, IMAGE_STD, build_backbone
+from psearch.models.losses import build_reid_loss
+
+# Fraction of foreground RoIs in a sampled mini-batch (py-faster-rcnn uses 0.25; person search
+# codebases 0.5, since every foreground RoI also trains the identity loss).
+ROI_POSITIVE_FRACTION = 0.5
+ROI_FG_IOU = 0.5
+
+
+class RPNHead512(nn.Module):
+    """torchvision's RPNHead with the paper's 512-channel 3x3 conv instead of in_channels."""
+
+    def __init__(self, in_channels: int, num_anchors: int, mid_channels: int = 512) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, mid_channels, kernel_size=3, padding=1)
+        # One logit per anchor: the sigmoid form of the paper's two-way proposal softmax.
+        self.cls_logits = nn.Conv2d(mid_channels, num_anchors, kernel_size=1)
+        self.bbox_pred = nn.Conv2d(mid_channels, num_anchors * 4, kernel_size=1)
+        for layer in (self.conv, self.cls_logits, self.bbox_pred):
+            nn.init.normal_(layer.weight, std=0.01)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        hidden = [F.relu(self.conv(feature)) for feature in x]
+        return [self.cls_logits(h) for h in hidden], [self.bbox_pred(h) for h in hidden]
+
+
+def pool_rois(
+    feature_map: torch.Tensor,
+    boxes: list[torch.Tensor],
+    image_size: tuple[int, int],
+    cfg: ModelConfig,
+) -> torch.Tensor:
+    """RoI-pool ``boxes`` (pixels of the batched image of ``image_size``) to [N, C, s, s]."""
+    # The trunk's stride, as torchvision's MultiScaleRoIAlign infers it (a power of two).
+    scale = 2.0 ** round(math.log2(feature_map.shape[-1] / image_size[-1]))
+    # Pool in float32: the CPU kernels have no bf16/fp16 version (torchvision's CUDA autocast
+    # wrappers do the same cast); the fc layers after it run in the autocast dtype again.
+    feature_map = feature_map.float()
+    boxes = [b.float() for b in boxes]
+    if cfg.roi_op == "roi_align":
+        return roi_align(feature_map, boxes, cfg.roi_size, scale, sampling_ratio=2)
+    return roi_pool(feature_map, boxes, cfg.roi_size, scale)
+
+
+class JointNet(nn.Module):
+    """Detection + re-id in one network; see the module docstring for the layout."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        loss_cfg: LossConfig,
+        num_classes: int,
+        load_weights: bool = True,
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.loss_cfg = loss_cfg
+        self.num_classes = num_classes
+        self.feat_dim = cfg.feat_dim
+        self.transform = GeneralizedRCNNTransform(
+            cfg.min_size, cfg.max_size, IMAGE_MEAN, IMAGE_STD, size_divisible=32
+        )
+        self.backbone, self.roi_head = build_backbone(cfg, load_weights=load_weights)
+        anchors = AnchorGenerator(
+            sizes=(tuple(cfg.anchor_sizes),), aspect_ratios=(tuple(cfg.anchor_ratios),)
+        )
+        self.rpn = RegionProposalNetwork(
+            anchors,
+            RPNHead512(self.backbone.out_channels, anchors.num_anchors_per_location()[0]),
+            fg_iou_thresh=0.7,
+            bg_iou_thresh=0.3,
+            batch_size_per_image=cfg.rpn_batch_size_per_image,
+            positive_fraction=0.5,
+            pre_nms_top_n={
+                "training": cfg.rpn_pre_nms_top_n_train,
+                "testing": cfg.rpn_pre_nms_top_n_test,
+            },
+            post_nms_top_n={
+                "training": cfg.rpn_post_nms_top_n_train,
+                "testing": cfg.rpn_post_nms_top_n_test,
+            },
+            nms_thresh=cfg.rpn_nms_thresh,
+        )
+        width = self.roi_head.out_features
+        self.det_score = nn.Linear(width, 2)  # background, person
+        self.box_regressor = nn.Linear(width, 4)  # class-agnostic: one foreground class
+        self.embedding = nn.Linear(width, cfg.feat_dim)  # fc8
+        self.reid_loss = build_reid_loss(loss_cfg, num_classes, cfg.feat_dim)
+        nn.init.normal_(self.det_score.weight, std=0.01)
+        nn.init.normal_(self.box_regressor.weight, std=0.001)
+        for layer in (self.det_score, self.box_regressor):
+            nn.init.zeros_(layer.bias)
+        self.box_coder = det_utils.BoxCoder((10.0, 10.0, 5.0, 5.0))
+        self.matcher = det_utils.Matcher(ROI_FG_IOU, ROI_FG_IOU, allow_low_quality_matches=False)
+        self.sampler = det_utils.BalancedPositiveNegativeSampler(
+            cfg.roi_batch_size_per_image, ROI_POSITIVE_FRACTION
+        )
+
+    # ------------------------------------------------------------------ shared pieces
+
+    def _fc7(
+        self, feature_map: torch.Tensor, boxes: list[torch.Tensor], image_size: tuple[int, int]
+    ) -> torch.Tensor:
+        return self.roi_head(pool_rois(feature_map, boxes, image_size, self.cfg))
+
+    def embed(self, fc7: torch.Tensor) -> torch.Tensor:
+        """fc8 + L2 normalisation (computed in float32 so bf16 autocast keeps unit norms)."""
+        return F.normalize(self.embedding(fc7).float(), dim=1)
+
+    def box_features(
+        self, feature_map: torch.Tensor, boxes: list[torch.Tensor], image_size: tuple[int, int]
+    ) -> torch.Tensor:
+        """[sum k, D] normalised features of given boxes (in the transformed image's pixels)."""
+        if sum(len(b) for b in boxes) == 0:
+            return feature_map.new_zeros((0, self.feat_dim), dtype=torch.float32)
+        return self.embed(self._fc7(feature_map, boxes, image_size))
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(
+        self,
+        images: list[torch.Tensor],
+        targets: list[dict[str, torch.Tensor]] | None = None,
+    ) -> dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]:
+        if self.training and targets is None:
+            raise ValueError("JointNet in train mode needs targets (boxes and labels)")
+        original_sizes = [tuple(img.shape[-2:]) for img in images]
+        image_list, targets = self.transform(images, targets)
+        feature_map = self.backbone(image_list.tensors)
+        proposals, rpn_losses = self.rpn(image_list, {"0": feature_map}, targets)
+        padded = tuple(image_list.tensors.shape[-2:])
+        if self.training:
+            losses = self._roi_losses(feature_map, proposals, targets, padded)
+            losses["loss_rpn_cls"] = rpn_losses["loss_objectness"]
+            losses["loss_rpn_box"] = rpn_losses["loss_rpn_box_reg"]
+            return losses
+        detections = self._detect(feature_map, proposals, image_list.image_sizes, padded)
+        return self.transform.postprocess(detections, image_list.image_sizes, original_sizes)
+
+    @torch.no_grad()
+    def query_features(
+        self, images: list[torch.Tensor], boxes: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """Features of the given boxes (pixels of each input image) in place of proposals."""
+        targets = [{"boxes": b.to(images[i].device, torch.float32)} for i, b in enumerate(boxes)]
+        image_list, targets = self.transform(images, targets)
+        feature_map = self.backbone(image_list.tensors)
+        resized = [t["boxes"] for t in targets]
+        features = self.box_features(feature_map, resized, tuple(image_list.tensors.shape[-2:]))
+        return list(features.split([len(b) for b in resized]))
+
+    # ------------------------------------------------------------------ training
+
+    def _sample_rois(
+        self, proposals: list[torch.Tensor], targets: list[dict[str, torch.Tensor]]
+    ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sampled RoIs per image, and their person/background, identity and box targets."""
+        background = self.num_classes
+        rois, det_labels, reid_labels, box_targets = [], [], [], []
+        for props, target in zip(proposals, targets, strict=True):
+            gt_boxes = target["boxes"]
+            gt_labels = target["labels"].to(torch.int64)
+            props = torch.cat([props, gt_boxes.to(props.dtype)])  # gt boxes are RoIs too
+            if len(gt_boxes):
+                matched = self.matcher(box_ops.box_iou(gt_boxes, props))
+            else:
+                matched = torch.full((len(props),), -1, dtype=torch.int64, device=props.device)
+            foreground = matched >= 0
+            positive, negative = self.sampler([foreground.to(torch.int64)])
+            keep = torch.where(positive[0] | negative[0])[0]
+            props, matched, foreground = props[keep], matched[keep].clamp(min=0), foreground[keep]
+            rois.append(props)
+            det_labels.append(foreground.to(torch.int64))
+            if len(gt_boxes):
+                reid = torch.where(foreground, gt_labels[matched], background)
+                box_targets.append(self.box_coder.encode_single(gt_boxes[matched], props))
+            else:
+                reid = torch.full_like(matched, background)
+                box_targets.append(torch.zeros_like(props))
+            reid_labels.append(reid)
+        return rois, torch.cat(det_labels), torch.cat(reid_labels), torch.cat(box_targets)
+
+    def _roi_losses(
+        self,
+        feature_map: torch.Tensor,
+        proposals: list[torch.Tensor],
+        targets: list[dict[str, torch.Tensor]],
+        image_size: tuple[int, int],
+    ) -> dict[str, torch.Tensor]:
+        rois, det_labels, reid_labels, box_targets = self._sample_rois(proposals, targets)
+        fc7 = self._fc7(feature_map, rois, image_size)
+        det_logits = self.det_score(fc7).float()
+        deltas = self.box_regressor(fc7).float()
+        loss_det = F.cross_entropy(det_logits, det_labels)
+        positive = det_labels > 0
+        loss_box = F.smooth_l1_loss(
+            deltas[positive], box_targets[positive], beta=1 / 9, reduction="sum"
+        ) / max(1, det_labels.numel())
+        loss_reid, acc_reid = self.reid_loss(self.embed(fc7), reid_labels)
+        acc_det = (det_logits.argmax(1) == det_labels).float().mean()
+        return {
+            "loss_det": loss_det,
+            "loss_box": loss_box,
+            "loss_reid": loss_reid,
+            "acc_det": acc_det.detach(),
+            "acc_reid": acc_reid.detach(),
+        }
+
+    # ------------------------------------------------------------------ inference
+
+    def _detect(
+        self,
+        feature_map: torch.Tensor,
+        proposals: list[torch.Tensor],
+        image_sizes: list[tuple[int, int]],
+        padded: tuple[int, int],
+    ) -> list[dict[str, torch.Tensor]]:
+        fc7 = self._fc7(feature_map, proposals, padded)
+        scores = F.softmax(self.det_score(fc7).float(), dim=1)[:, 1]
+        boxes = self.box_coder.decode(self.box_regressor(fc7).float(), proposals).reshape(-1, 4)
+        final_boxes = []
+        for props_boxes, props_scores, size in zip(
+            boxes.split([len(p) for p in proposals]),
+            scores.split([len(p) for p in proposals]),
+            image_sizes,
+            strict=True,
+        ):
+            b = box_ops.clip_boxes_to_image(props_boxes, size)
+            keep = torch.where(props_scores >= self.cfg.box_score_thresh)[0]
+            keep = keep[box_ops.remove_small_boxes(b[keep], min_size=1e-2)]
+            b, s = b[keep], props_scores[keep]
+            keep = box_ops.nms(b, s, self.cfg.box_nms_thresh)[: self.cfg.detections_per_img]
+            final_boxes.append((b[keep], s[keep]))
+        # Features are pooled on the final (regressed) boxes, as for query boxes, so gallery
+        # and query features come from the same computation.
+        features = self.box_features(feature_map, [b for b, _ in final_boxes], padded)
+        features = features.split([len(b) for b, _ in final_boxes])
+        return [
+            {"boxes": b, "scores": s, "features": f}
+            for (b, s), f in zip(final_boxes, features, strict=True)
+        ]
+
+
+def build_joint_net(cfg: ModelConfig, loss_cfg: LossConfig, num_classes: int) -> JointNet:
+    """A JointNet for ``num_classes`` labelled identities (ids 0..C-1, background C)."""
+    return JointNet(cfg, loss_cfg, num_classes)

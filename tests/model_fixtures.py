@@ -1,0 +1,47 @@
+"""Small model settings and a synthetic batch shared by the models' tests."""
+
+from __future__ import annotations
+
+import torch
+
+from psearch.config import ModelConfig
+
+NUM_CLASSES = 6
+
+
+def tiny_cfg(**overrides) -> ModelConfig:
+    settings = dict(
+        min_size=128,
+        max_size=160,
+        rpn_pre_nms_top_n_train=300,
+        rpn_post_nms_top_n_train=64,
+        rpn_pre_nms_top_n_test=200,
+        rpn_post_nms_top_n_test=32,
+        roi_batch_size_per_image=32,
+        feat_dim=32,
+        head_dim=64,
+    )
+    settings.update(overrides)
+    return ModelConfig(**settings)
+
+
+def synthetic_batch(seed: int = 0):
+    """Two noisy images with plain-coloured 'persons': ids 0 and 1, one unlabelled, none."""
+    generator = torch.Generator().manual_seed(seed)
+    images = [torch.rand(3, 128, 160, generator=generator) * 0.3 for _ in range(2)]
+    boxes = [
+        torch.tensor([[10.0, 20.0, 40.0, 100.0], [90.0, 10.0, 120.0, 90.0]]),
+        torch.zeros(0, 4),
+    ]
+    labels = [torch.tensor([0, -1]), torch.zeros(0, dtype=torch.int64)]
+    images[1] = images[1][:, :120, :150]  # a second size, exercising batching and resizing
+    boxes[1] = torch.tensor([[60.0, 15.0, 95.0, 110.0]])
+    labels[1] = torch.tensor([1])
+    colours = {0: (0.9, 0.1, 0.1), -1: (0.1, 0.9, 0.1), 1: (0.1, 0.1, 0.9)}
+    for image, image_boxes, image_labels in zip(images, boxes, labels, strict=True):
+        for (x1, y1, x2, y2), label in zip(
+            image_boxes.int().tolist(), image_labels.tolist(), strict=True
+        ):
+            image[:, y1:y2, x1:x2] = torch.tensor(colours[label]).view(3, 1, 1)
+    targets = [{"boxes": b, "labels": lab} for b, lab in zip(boxes, labels, strict=True)]
+    return images, targets

@@ -1,0 +1,208 @@
+"""Loaders: scene items and flips, IDNet crops (balance, background IoU), determinism, sampler."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from PIL import Image
+from torchvision.ops import box_iou
+
+from psearch.data.loaders import (
+    BACKGROUND_MAX_IOU,
+    CropDataset,
+    EpochSampler,
+    SceneDataset,
+    TestImageDataset,
+    hflip_boxes,
+    list_collate,
+    make_loader,
+    num_train_identities,
+)
+from psearch.data.manifest import MANIFEST_SCHEMAS, read_manifests, write_parquet
+from psearch.errors import PsearchError
+
+W, H = 64, 48
+
+
+def _write_tables(out, images, boxes, persons):
+    tables = {
+        "images": images,
+        "boxes": boxes,
+        "persons": persons,
+        "queries": {k: [] for k in MANIFEST_SCHEMAS["queries"].names},
+        "galleries": {k: [] for k in MANIFEST_SCHEMAS["galleries"].names},
+    }
+    for name, columns in tables.items():
+        write_parquet(pa.table(columns, schema=MANIFEST_SCHEMAS[name]), out / f"{name}.parquet")
+    (out / "dataset.json").write_text(json.dumps({"name": "unit", "root": "../raw"}))
+
+
+@pytest.fixture
+def small_manifests(tmp_path):
+    """4 train + 1 test images of W x H whose left half is black and right half white,
+    with hand-placed boxes: identities 0..2, one unlabelled person per image."""
+    raw = tmp_path / "raw"
+    (raw / "Image").mkdir(parents=True)
+    pixels = np.zeros((H, W, 3), np.uint8)
+    pixels[:, W // 2 :] = 255
+    names = [f"s{i}.png" for i in range(5)]
+    for name in names:
+        Image.fromarray(pixels).save(raw / "Image" / name)
+    images = {
+        "image_id": list(range(5)),
+        "image_name": names,
+        "path": [f"Image/{n}" for n in names],
+        "width": [W] * 5,
+        "height": [H] * 5,
+        "split": ["train"] * 4 + ["test"],
+    }
+    rows = []  # (image_id, x1, y1, x2, y2, person_id)
+    for i in range(4):
+        rows.append((i, 2, 4, 12, 30, i % 3))
+        rows.append((i, 40, 10, 50, 40, -1))
+    rows.append((4, 5, 5, 15, 35, 3))
+    boxes = {
+        "box_id": list(range(len(rows))),
+        "image_id": [r[0] for r in rows],
+        "x1": [float(r[1]) for r in rows],
+        "y1": [float(r[2]) for r in rows],
+        "x2": [float(r[3]) for r in rows],
+        "y2": [float(r[4]) for r in rows],
+        "person_id": [r[5] for r in rows],
+        "is_hard": [False] * len(rows),
+    }
+    persons = {
+        "person_id": [0, 1, 2, 3],
+        "person_name": ["p0", "p1", "p2", "p3"],
+        "split": ["train", "train", "train", "test"],
+    }
+    out = tmp_path / "manifests"
+    out.mkdir()
+    _write_tables(out, images, boxes, persons)
+    return read_manifests(out)
+
+
+def test_scene_items_have_boxes_labels_and_unit_range(small_manifests):
+    assert num_train_identities(small_manifests) == 3
+    ds = SceneDataset(small_manifests, num_classes=3, hflip=0.0)
+    assert len(ds) == 4
+    image, target = ds[0]
+    assert image.shape == (3, H, W) and image.dtype == torch.float32
+    assert image.min() >= 0.0 and image.max() <= 1.0
+    assert target["boxes"].shape == (2, 4)
+    assert target["labels"].tolist() == [0, -1]
+    images, targets = list_collate([ds[0], ds[1]])
+    assert len(images) == 2 and len(targets) == 2
+
+
+def test_flip_mirrors_image_and_boxes(small_manifests):
+    plain = SceneDataset(small_manifests, num_classes=3, hflip=0.0)
+    flipped = SceneDataset(small_manifests, num_classes=3, hflip=1.0)
+    image, target = plain[1]
+    fimage, ftarget = flipped[1]
+    assert torch.equal(fimage, image.flip(-1))
+    # The left half (black) becomes the right half.
+    assert fimage[:, :, : W // 2].min() == 1.0 and fimage[:, :, W // 2 :].max() == 0.0
+    assert ftarget["boxes"][0].tolist() == [W - 12, 4, W - 2, 30]
+    assert torch.equal(hflip_boxes(ftarget["boxes"], W), target["boxes"])
+    # The pixels under a box are the mirrored pixels under the flipped box.
+    x1, y1, x2, y2 = (int(v) for v in target["boxes"][0])
+    fx1, _, fx2, _ = (int(v) for v in ftarget["boxes"][0])
+    assert torch.equal(fimage[:, y1:y2, fx1:fx2], image[:, y1:y2, x1:x2].flip(-1))
+
+
+def test_flip_is_deterministic_per_epoch_and_index(small_manifests):
+    ds = SceneDataset(small_manifests, num_classes=3, hflip=0.5, seed=3)
+    draws = [
+        [bool(ds[(epoch, i)][1]["boxes"][0, 0] > W / 2) for i in range(4)] for epoch in range(6)
+    ]
+    again = [
+        [bool(ds[(epoch, i)][1]["boxes"][0, 0] > W / 2) for i in range(4)] for epoch in range(6)
+    ]
+    assert draws == again
+    assert any(any(row) for row in draws) and not all(all(row) for row in draws)
+
+
+def test_crop_dataset_balance_size_and_background_iou(small_manifests):
+    ds = CropDataset(small_manifests, num_classes=3, height=32, width=16, background_ratio=2.0)
+    labels = ds.labels
+    assert (labels < 3).sum() == 4  # every labelled training box, unlabelled ones excluded
+    assert (labels == 3).sum() == 8  # background_ratio x as many background boxes
+    crop, label = ds[0]
+    assert crop.shape == (3, 32, 16) and label.dtype == torch.int64
+    for index in np.flatnonzero(labels == 3):
+        record = ds.records[ds.image_index[index]]
+        iou = box_iou(torch.from_numpy(ds.boxes[index : index + 1]), torch.from_numpy(record.boxes))
+        assert iou.max() < BACKGROUND_MAX_IOU
+        x1, y1, x2, y2 = ds.boxes[index]
+        assert 0 <= x1 < x2 <= W and 0 <= y1 < y2 <= H
+    # Crops are of the right pixels: identity boxes sit in the black half.
+    assert ds[0][0].max() == 0.0
+
+
+def test_crop_dataset_is_deterministic_for_a_seed(small_manifests):
+    a = CropDataset(small_manifests, 3, 32, 16, seed=1)
+    b = CropDataset(small_manifests, 3, 32, 16, seed=1)
+    c = CropDataset(small_manifests, 3, 32, 16, seed=2)
+    assert np.array_equal(a.boxes, b.boxes)
+    assert not np.array_equal(a.boxes, c.boxes)
+
+
+def test_test_image_dataset_lists_test_images(small_manifests):
+    ds = TestImageDataset(small_manifests)
+    assert len(ds) == 1
+    image_id, image = ds[0]
+    assert image_id == 4 and image.shape == (3, H, W)
+    assert len(TestImageDataset(small_manifests, split="train", image_ids=[1, 3])) == 2
+
+
+def test_sampler_resumes_mid_epoch_with_the_same_keys(small_manifests):
+    ds = SceneDataset(small_manifests, num_classes=3)
+    sampler = EpochSampler(ds, shuffle=True, seed=5)
+    sampler.set_position(2, 0)
+    full = list(sampler)
+    sampler.set_position(2, 2)
+    assert list(sampler) == full[2:] and len(sampler) == 2
+    assert all(epoch == 2 for epoch, _ in full)
+    shards = []
+    for rank in range(2):
+        part = EpochSampler(ds, num_replicas=2, rank=rank, seed=5)
+        part.set_position(2, 0)
+        shards.append([i for _, i in part])
+    assert sorted(shards[0] + shards[1]) == [0, 1, 2, 3]
+
+
+def test_loader_batches_with_workers_match_in_process(small_manifests):
+    ds = SceneDataset(small_manifests, num_classes=3, hflip=0.5)
+
+    def boxes(num_workers):
+        sampler = EpochSampler(ds, seed=0)
+        loader = make_loader(ds, sampler, 2, num_workers, seed=0, collate_fn=list_collate)
+        return [torch.stack([t["boxes"] for t in targets]) for _, targets in loader]
+
+    a, b = boxes(0), boxes(2)
+    assert len(a) == 2 and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_missing_image_file_is_a_one_line_error(small_manifests, tmp_path):
+    (tmp_path / "raw" / "Image" / "s2.png").unlink()
+    with pytest.raises(PsearchError, match="s2.png: image file not found"):
+        SceneDataset(small_manifests, num_classes=3)
+
+
+def test_dataset_root_survives_moved_manifests(tiny_manifests, tiny_dataset, tmp_path, monkeypatch):
+    """A copied manifests dir (a pipeline artifact mounted elsewhere) still finds the images."""
+    import shutil
+
+    from psearch.data.loaders import DATASET_ROOT_ENV, dataset_root
+    from psearch.data.manifest import read_manifests
+
+    moved = tmp_path / "deeper" / "still" / "manifests"
+    shutil.copytree(tiny_manifests, moved)
+    assert dataset_root(read_manifests(moved)) == tiny_dataset.resolve()
+    monkeypatch.setenv(DATASET_ROOT_ENV, str(tmp_path))
+    assert dataset_root(read_manifests(moved)) == tmp_path

@@ -1,0 +1,207 @@
+"""The joint net and its backbones: output shapes in every mode, gradient routing, learning."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from model_fixtures import NUM_CLASSES, synthetic_batch, tiny_cfg
+from torchvision import models
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from psearch.config import LossConfig
+from psearch.errors import PsearchError
+from psearch.models.backbones import build_backbone
+from psearch.models.joint import JointNet, build_joint_net
+
+
+@pytest.fixture(scope="module")
+def net() -> JointNet:
+    torch.manual_seed(0)
+    return build_joint_net(tiny_cfg(), LossConfig(rss_k=4), NUM_CLASSES)
+
+
+def test_attributes(net):
+    assert net.num_classes == NUM_CLASSES
+    assert net.feat_dim == 32
+    assert net.cfg.backbone == "small" and net.loss_cfg.rss_k == 4
+    assert net.rpn.head.conv.out_channels == 512
+    assert net.rpn.anchor_generator.num_anchors_per_location() == [9]
+
+
+def test_train_mode_returns_scalar_losses_and_accuracies(net):
+    images, targets = synthetic_batch()
+    net.train()
+    out = net(images, targets)
+    expected = {"loss_rpn_cls", "loss_rpn_box", "loss_det", "loss_box", "loss_reid"}
+    assert expected | {"acc_det", "acc_reid"} == set(out)
+    for key, value in out.items():
+        assert value.shape == () and value.dtype == torch.float32 and torch.isfinite(value)
+        if key.startswith("acc_"):
+            assert not value.requires_grad and 0.0 <= float(value) <= 1.0
+        else:
+            assert value.requires_grad and float(value.detach()) >= 0.0
+
+
+def test_train_mode_needs_targets(net):
+    net.train()
+    with pytest.raises(ValueError):
+        net([torch.rand(3, 64, 64)])
+
+
+def test_eval_mode_detections(net):
+    images, _ = synthetic_batch()
+    net.eval()
+    with torch.no_grad():
+        detections = net(images)
+    assert len(detections) == 2
+    for image, det in zip(images, detections, strict=True):
+        assert set(det) == {"boxes", "scores", "features"}
+        k = len(det["scores"])
+        assert 0 < k <= net.cfg.detections_per_img
+        assert det["boxes"].shape == (k, 4) and det["features"].shape == (k, 32)
+        assert all(v.dtype == torch.float32 for v in det.values())
+        assert ((det["scores"] >= net.cfg.box_score_thresh) & (det["scores"] <= 1)).all()
+        torch.testing.assert_close(det["features"].norm(dim=1), torch.ones(k))
+        # boxes are in the input image's pixels, not the resized ones
+        height, width = image.shape[-2:]
+        assert (det["boxes"][:, [0, 2]] <= width).all() and (
+            det["boxes"][:, [1, 3]] <= height
+        ).all()
+        assert (det["boxes"][:, 2:] >= det["boxes"][:, :2]).all()
+
+
+def test_eval_mode_respects_detection_cap_and_threshold():
+    torch.manual_seed(0)
+    net = build_joint_net(tiny_cfg(detections_per_img=3), LossConfig(), NUM_CLASSES).eval()
+    images, _ = synthetic_batch()
+    with torch.no_grad():
+        assert all(len(d["boxes"]) <= 3 for d in net(images))
+    net.cfg.box_score_thresh = 1.01  # nothing can pass: empty but well-shaped outputs
+    with torch.no_grad():
+        det = net(images)[0]
+    assert det["boxes"].shape == (0, 4) and det["features"].shape == (0, 32)
+
+
+def test_query_features(net):
+    images, targets = synthetic_batch()
+    net.eval()
+    features = net.query_features(images, [t["boxes"] for t in targets])
+    assert [f.shape for f in features] == [(2, 32), (1, 32)]
+    torch.testing.assert_close(features[0].norm(dim=1), torch.ones(2))
+    # a box's feature does not depend on the other boxes asked with it
+    alone = net.query_features(images[:1], [targets[0]["boxes"][1:]])[0]
+    torch.testing.assert_close(alone[0], features[0][1], atol=1e-5, rtol=1e-5)
+    empty = net.query_features(images[:1], [torch.zeros(0, 4)])
+    assert empty[0].shape == (0, 32)
+
+
+def test_reid_loss_does_not_reach_the_proposal_network(net):
+    images, targets = synthetic_batch()
+    net.train()
+    net.zero_grad()
+    net(images, targets)["loss_reid"].backward()
+    for name, param in net.rpn.named_parameters():
+        assert param.grad is None or not param.grad.any(), name
+    trunk_grads = [p.grad for p in net.backbone.parameters() if p.grad is not None]
+    assert trunk_grads and any(g.any() for g in trunk_grads)  # the trunk is shared and learns
+    net.zero_grad()
+    net(images, targets)["loss_rpn_cls"].backward()
+    assert net.rpn.head.cls_logits.weight.grad.any()
+
+
+@pytest.mark.parametrize("roi_op", ["roi_pool", "roi_align"])
+@pytest.mark.parametrize("loss", ["rss", "softmax", "oim"])
+def test_every_roi_op_and_loss_trains_and_detects(roi_op, loss):
+    torch.manual_seed(0)
+    net = build_joint_net(tiny_cfg(roi_op=roi_op), LossConfig(reid_loss=loss), NUM_CLASSES)
+    images, targets = synthetic_batch()
+    out = net.train()(images, targets)
+    sum(v for k, v in out.items() if k.startswith("loss_")).backward()
+    with torch.no_grad():
+        assert net.eval()(images)[0]["features"].shape[1] == 32
+
+
+@pytest.mark.parametrize("roi_op", ["roi_pool", "roi_align"])
+def test_bf16_autocast_train_and_eval(roi_op):
+    # The trainer's default amp mode; CPU RoI kernels have no bf16 version.
+    torch.manual_seed(0)
+    net = build_joint_net(tiny_cfg(roi_op=roi_op), LossConfig(), NUM_CLASSES)
+    images, targets = synthetic_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net.train()(images, targets)
+    assert all(torch.isfinite(v) for v in out.values())
+    sum(v for k, v in out.items() if k.startswith("loss_")).backward()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        det = net.eval()(images)[0]
+    assert det["features"].dtype == torch.float32
+    torch.testing.assert_close(det["features"].norm(dim=1), torch.ones(len(det["features"])))
+
+
+@pytest.mark.parametrize("kind, channels, width", [("vgg16", 512, 4096), ("resnet50", 1024, 2048)])
+def test_paper_backbones_build_and_run(kind, channels, width):
+    torch.manual_seed(0)
+    cfg = tiny_cfg(backbone=kind, min_size=64, max_size=96, roi_batch_size_per_image=8)
+    net = build_joint_net(cfg, LossConfig(), NUM_CLASSES)
+    assert net.backbone.out_channels == channels and net.roi_head.out_features == width
+    trunk_out = net.backbone(torch.rand(1, 3, 64, 96))
+    assert trunk_out.shape == (1, channels, 4, 6)  # stride 16
+    images = [torch.rand(3, 64, 80)]
+    targets = [{"boxes": torch.tensor([[5.0, 5.0, 30.0, 60.0]]), "labels": torch.tensor([1])}]
+    assert torch.isfinite(net.train()(images, targets)["loss_reid"])
+    with torch.no_grad():
+        det = net.eval()(images)[0]
+    assert det["features"].shape[1] == 32 and det["boxes"].shape[1] == 4
+
+
+def test_small_backbone_shapes():
+    trunk, head = build_backbone(tiny_cfg())
+    feature_map = trunk(torch.rand(2, 3, 96, 64))
+    assert feature_map.shape == (2, trunk.out_channels, 6, 4)
+    assert head(torch.rand(5, trunk.out_channels, 7, 7)).shape == (5, head.out_features)
+    assert head.out_features == 64
+
+
+def test_backbone_weights_from_a_local_file(tmp_path):
+    torch.manual_seed(1)
+    reference = models.mobilenet_v3_large()
+    path = tmp_path / "mnv3.pth"
+    torch.save(reference.state_dict(), path)
+    trunk, _ = build_backbone(tiny_cfg(backbone_weights=str(path)))
+    torch.testing.assert_close(
+        trunk.body[5].block[0][0].weight, reference.features[5].block[0][0].weight
+    )
+    assert any(isinstance(m, FrozenBatchNorm2d) for m in trunk.modules())
+    assert not trunk.body[0][0].weight.requires_grad  # the stem stays fixed
+    # load_weights=False: same architecture (frozen norms), random values, file untouched
+    bare, _ = build_backbone(tiny_cfg(backbone_weights=str(path)), load_weights=False)
+    assert [type(m) for m in bare.modules()] == [type(m) for m in trunk.modules()]
+
+
+@pytest.mark.parametrize(
+    "weights, fragment",
+    [("NOT_A_WEIGHTS_NAME", "neither a file nor"), ("resnet", "not a state dict of torchvision")],
+)
+def test_bad_backbone_weights_are_user_errors(tmp_path, weights, fragment):
+    if weights == "resnet":
+        weights = str(tmp_path / "resnet18.pth")
+        torch.save(models.resnet18().state_dict(), weights)
+    with pytest.raises(PsearchError, match=fragment):
+        build_backbone(tiny_cfg(backbone_weights=weights))
+
+
+@pytest.mark.slow
+def test_a_few_optimiser_steps_lower_the_loss():
+    torch.manual_seed(0)
+    net = build_joint_net(tiny_cfg(), LossConfig(rss_k=4), NUM_CLASSES).train()
+    images, targets = synthetic_batch()
+    optimiser = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    totals = []
+    for _ in range(25):
+        out = net(images, targets)
+        total = sum(v for k, v in out.items() if k.startswith("loss_"))
+        optimiser.zero_grad()
+        total.backward()
+        optimiser.step()
+        totals.append(float(total))
+    first, last = sum(totals[:3]) / 3, sum(totals[-3:]) / 3
+    assert last < 0.7 * first, totals

@@ -1,0 +1,161 @@
+"""`psearch pipeline run-local`: the very DAG that is compiled for the cluster, run here.
+
+kfp.local.SubprocessRunner(use_venv=False) executes every component in a
+subprocess of this environment; the kfp-kubernetes settings (PVC, Secret, node
+selector, tolerations) and the resource / accelerator requests are part of the
+same pipeline and kfp.local ignores them without error, which this run shows.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from psearch.config import load_params
+from psearch.errors import PsearchError
+from psearch.pipeline.runtime import (
+    beats_champion,
+    decision_metric,
+    shard_parts,
+    stage_params,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+# The tiny preset with the least training that still exercises every stage.
+QUICK = [
+    "pretrain.epochs=1",
+    "pretrain.max_steps=2",
+    "pretrain.num_workers=0",
+    "train.epochs=1",
+    "train.max_steps=2",
+    "train.num_workers=0",
+    "extract.num_workers=0",
+    "model.min_size=96",
+    "model.max_size=160",
+    "model.rpn_pre_nms_top_n_test=200",
+    "model.rpn_post_nms_top_n_test=50",
+    "pipeline.extract_shards=2",
+    "tracking.experiment=pipeline-local-test",
+]
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory):
+    from psearch.pipeline.local import run_local
+
+    workdir = tmp_path_factory.mktemp("run-local")
+    params = load_params(REPO / "params.yaml", QUICK)
+    return params, run_local(params, workdir), workdir
+
+
+@pytest.mark.slow
+def test_run_local_runs_every_stage_and_writes_metrics(local_run):
+    params, result, workdir = local_run
+    run_dir = Path(result["run_dir"])
+    # Every task ran, the extraction fanned out, promotion ran (no champion before).
+    for task in ("ingest", "tracking", "pretrain", "train", "extract-merge", "evaluate",
+                 "register", "promote"):  # fmt: skip
+        assert (run_dir / task / "executor_output.json").is_file(), task
+    assert len(list(run_dir.glob("for-loop-*-iteration-*/extract"))) == 2
+    metrics = json.loads(Path(result["metrics"]).read_text())
+    assert set(metrics) == {"search", "detection"}
+    assert {"gallery_50", "gallery_100", "occlusion", "low_resolution"} <= set(metrics["search"])
+    # evaluate logged the flattened metrics to its Output[Metrics] and returned the decision value.
+    evaluate = json.loads((run_dir / "evaluate" / "executor_output.json").read_text())
+    logged = evaluate["artifacts"]["metrics"]["artifacts"][0]["metadata"]
+    assert logged["search.gallery_100.mAP"] == metrics["search"]["gallery_100"]["mAP"]
+    assert evaluate["parameterValues"]["Output"] == metrics["search"]["gallery_100"]["mAP"]
+    register = json.loads((run_dir / "register" / "executor_output.json").read_text())
+    assert register["parameterValues"]["Output"] == "1"
+    assert result["tracking_uri"] == f"sqlite:///{workdir / 'mlflow.db'}"
+
+
+@pytest.mark.slow
+def test_run_local_tracks_one_pipeline_run_with_stage_children(local_run):
+    import mlflow
+
+    params, result, _ = local_run
+    client = mlflow.MlflowClient(result["tracking_uri"])
+    experiment = client.get_experiment_by_name("pipeline-local-test")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("psearch.stage") == "pipeline"]
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["train.max_steps"] == "2"
+    children = {
+        r.data.tags["psearch.stage"]
+        for r in runs
+        if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+    }
+    assert {"pretrain", "train", "register"} <= children
+    champion = client.get_model_version_by_alias(params.register.model_name, "champion")
+    assert str(champion.version) == "1"
+
+
+@pytest.mark.slow
+def test_champion_decision_is_promotes_rule(local_run):
+    """The pipeline's dsl.If decision reads the registry exactly as `psearch promote` does."""
+    params, result, _ = local_run
+    params = load_params(
+        REPO / "params.yaml", [*QUICK, f"tracking.tracking_uri={result['tracking_uri']}"]
+    )
+    assert beats_champion(params, "1") == (False, "version 1 already is the champion")
+    promoted, reason = beats_champion(params, "7")
+    assert promoted is False and "no version 7" in reason
+
+
+@pytest.mark.parametrize(
+    "candidate_value, champion, champion_value, force, expected",
+    [
+        (0.5, None, None, False, True),  # first model
+        (0.6, "1", 0.5, False, True),  # better
+        (0.5, "1", 0.5, False, False),  # equal is not better
+        (0.4, "1", 0.5, False, False),  # worse
+        (0.4, "1", 0.5, True, True),  # forced
+        (None, "1", 0.5, False, False),  # candidate lacks the metric
+    ],
+)
+def test_decide_is_strictly_greater(candidate_value, champion, champion_value, force, expected):
+    from psearch.registry import decide
+
+    promoted, reason = decide(
+        "2", candidate_value, champion, champion_value, "search.gallery_100.mAP", "champion", force
+    )
+    assert promoted is expected, reason
+
+
+def test_decide_refuses_a_champion_without_the_metric():
+    from psearch.registry import decide
+
+    with pytest.raises(PsearchError, match=r"has no metric tag .*\(use --force\)"):
+        decide("2", 0.9, "1", None, "search.gallery_100.mAP", "champion")
+
+
+def test_stage_params_and_helpers_name_what_is_wrong(tmp_path):
+    params = stage_params(json.dumps({"train": {"lr": 0.5}}))
+    assert params.train.lr == 0.5
+    with pytest.raises(PsearchError, match="params_json: not valid JSON"):
+        stage_params("{train")
+    with pytest.raises(PsearchError, match="params_json: unknown parameter train.lrr"):
+        stage_params('{"train": {"lrr": 1}}')
+    flat = {"search.gallery_100.mAP": 0.5, "search.gallery_100.queries": 3.0}
+    assert decision_metric(flat, "search.gallery_100.mAP") == 0.5
+    with pytest.raises(PsearchError, match="register.metric: 'search.gallery_50.mAP' is not"):
+        decision_metric(flat, "search.gallery_50.mAP")
+    (tmp_path / "a" / "part-000-of-002").mkdir(parents=True)
+    (tmp_path / "b").mkdir()
+    assert shard_parts([tmp_path / "a"]) == [tmp_path / "a" / "part-000-of-002"]
+    with pytest.raises(PsearchError, match="expected one extraction part, found 0"):
+        shard_parts([tmp_path / "a", tmp_path / "b"])
+
+
+def test_run_local_refuses_a_file_as_workdir(tmp_path):
+    from psearch.pipeline.local import run_local
+
+    target = tmp_path / "file"
+    target.write_text("x")
+    with pytest.raises(PsearchError, match="is not a directory"):
+        run_local(load_params(None, []), target)
