@@ -21,6 +21,7 @@ from typing import Any
 
 from psearch.config import Params
 from psearch.errors import PsearchError
+from psearch.jsonfile import read_json_object
 from psearch.tracking import check_reachable, stage_run, tracking_uri
 
 HISTORY_TAG = "psearch.champion_history"
@@ -39,22 +40,10 @@ def flatten_metrics(tree: dict[str, Any], prefix: str = "") -> dict[str, float]:
     return flat
 
 
-def _read_json(path: Path, what: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise PsearchError(f"{path}: {what} not found")
-    try:
-        data = json.loads(path.read_text())
-    except ValueError:
-        raise PsearchError(f"{path}: not valid JSON") from None
-    if not isinstance(data, dict):
-        raise PsearchError(f"{path}: expected a JSON object")
-    return data
-
-
 def read_training_run(model_dir: Path) -> tuple[str, str]:
     """(run_id, model_uri) from a training output directory's run.json."""
     path = Path(model_dir) / "run.json" if Path(model_dir).is_dir() else Path(model_dir)
-    info = _read_json(path, "training run record (run.json)")
+    info = read_json_object(path, missing="training run record (run.json) not found")
     run_id, model_uri = info.get("run_id"), info.get("model_uri")
     if not run_id or not model_uri:
         raise PsearchError(
@@ -65,7 +54,7 @@ def read_training_run(model_dir: Path) -> tuple[str, str]:
 
 def read_metrics(path: Path) -> dict[str, float]:
     """The flattened metrics of an evaluation's metrics.json; refuses a file without search mAP."""
-    flat = flatten_metrics(_read_json(Path(path), "metrics file"))
+    flat = flatten_metrics(read_json_object(Path(path), missing="metrics file not found"))
     if not any(key.startswith("search.") and key.endswith(".mAP") for key in flat):
         raise PsearchError(f"{path}: no search mAP in it (not an evaluation's metrics.json?)")
     bad = [key for key, value in flat.items() if not math.isfinite(value)]

@@ -9,13 +9,13 @@ gallery protocol a run has, named in its cell when it differs from the header's)
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from psearch.atomic import write_text_atomic
 from psearch.errors import PsearchError
+from psearch.jsonfile import read_json_object
 
 PREFERRED_PROTOCOL = "gallery_100"
 REPORT_FILE = "report.md"
@@ -34,24 +34,12 @@ class Run:
     detection: dict[str, Any]
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise PsearchError(f"{path}: file not found") from None
-    except (OSError, ValueError) as exc:
-        raise PsearchError(f"{path}: not readable JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise PsearchError(f"{path}: expected a JSON object")
-    return data
-
-
 def read_run(directory: Path) -> Run:
     directory = Path(directory)
     if not directory.is_dir():
         raise PsearchError(f"{directory}: evaluation directory not found")
-    metrics = _read_json(directory / "metrics.json")
-    extraction = _read_json(directory / "extraction.json")
+    metrics = read_json_object(directory / "metrics.json")
+    extraction = read_json_object(directory / "extraction.json")
     search = metrics.get("search")
     if not isinstance(search, dict):
         raise PsearchError(f"{directory / 'metrics.json'}: no 'search' section")

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from psearch.data.manifest import gallery_detections_schema, query_features_schema
-from psearch.errors import PsearchError
+from psearch.jsonfile import read_json_object
 
 EXTRACTION_JSON = "extraction.json"
 # About 20 MB of 256-d features per row group: large enough to read fast, small to hold.
@@ -95,16 +95,9 @@ def write_query_features(path: Path, results: dict[int, np.ndarray], dim: int) -
 
 
 def read_extraction_json(directory: Path) -> dict[str, Any]:
-    path = Path(directory) / EXTRACTION_JSON
-    try:
-        info = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise PsearchError(f"{path}: file not found (not an extraction output)") from None
-    except (OSError, ValueError) as exc:
-        raise PsearchError(f"{path}: not readable JSON ({exc})") from None
-    if not isinstance(info, dict):
-        raise PsearchError(f"{path}: expected a JSON object")
-    return info
+    return read_json_object(
+        Path(directory) / EXTRACTION_JSON, missing="file not found (not an extraction output)"
+    )
 
 
 def write_extraction_json(directory: Path, info: dict[str, Any]) -> None:
