@@ -17,6 +17,7 @@ from types import ModuleType, SimpleNamespace
 from kfp import dsl
 
 from components import (
+    close_runs,
     evaluate,
     extract,
     extract_merge,
@@ -40,6 +41,7 @@ MODULES: dict[str, ModuleType] = {
     "evaluate": evaluate,
     "register": register,
     "promote": promote,
+    "close_runs": close_runs,
 }
 
 

@@ -15,23 +15,16 @@ def register(
     the champion (the pipeline's dsl.If then promotes it), else an empty string.
 
     One plain output rather than (version, beats) because kfp.local cannot resolve a
-    condition on one field of a NamedTuple output. This is the last stage every
-    execution runs, so it also ends the pipeline's MLflow run.
+    condition on one field of a NamedTuple output.
     """
     from pathlib import Path
 
     from psearch import stages
-    from psearch.pipeline.runtime import (
-        beats_champion,
-        close_pipeline_run,
-        stage_params,
-        summary_line,
-    )
+    from psearch.pipeline.runtime import beats_champion, stage_params, summary_line
 
     cfg = stage_params(params_json, pipeline_run_id)
     summary = stages.register(Path(model.path), Path(report.path) / "metrics.json", cfg)
     print(summary_line("register", summary))
     beats, reason = beats_champion(cfg, summary["version"])
     print(f"psearch register: {reason}")
-    close_pipeline_run(cfg, pipeline_run_id)
     return summary["version"] if beats else ""

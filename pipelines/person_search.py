@@ -5,6 +5,8 @@
                                                                                 │
              promote ◄── dsl.If(beats champion) ◄── register ◄── evaluate ◄─────┘
 
+    all of the above inside dsl.ExitHandler ─► close_runs (ends the MLflow runs, always)
+
 Pipeline parameters (defaults taken from params.yaml when compiled):
   dataset_root  where the raw dataset is; in the cluster, a path under the dataset PVC's mount
   params_json   every params.yaml section except `pipeline`, as JSON (JSON, not a dict
@@ -92,68 +94,75 @@ def build_pipeline(params_tree: dict[str, Any], settings: PipelineSettings):
         params_json: str = default_params,
     ):
         """Person search: ingest, pretrain, train, extract, evaluate, register, promote."""
-        run = c.tracking(
-            params_json=params_json,
-            kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-            kfp_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
-        )
-        # A new MLflow run per execution: never served from the cache.
-        _configure(run, "tracking", settings, cache=False)
-        run_id = run.output
-
-        ingest = c.ingest(dataset_root=dataset_root, params_json=params_json)
-        # Ingest is a pure function of the raw data and params: rerunning a configuration
-        # (a retry after a failed training) reuses its manifests.
-        _configure(ingest, "ingest", settings, cache=True, tracked=False, dataset=True)
-        manifests = ingest.outputs["manifests"]
-
-        pretrain = c.pretrain(manifests=manifests, params_json=params_json, pipeline_run_id=run_id)
-        _configure(pretrain, "pretrain", settings, cache=False, dataset=True)
-
-        train = c.train(
-            manifests=manifests,
-            idnet=pretrain.outputs["idnet"],
-            params_json=params_json,
-            pipeline_run_id=run_id,
-        )
-        # Training is never cached: each run is a new model and a new MLflow run.
-        _configure(train, "train", settings, cache=False, dataset=True)
-        model = train.outputs["model"]
-
-        with dsl.ParallelFor(shards, name="extract-shards") as shard:
-            extract = c.extract(
-                manifests=manifests,
-                model=model,
+        # Runs last whatever happens (a failed or cancelled task included) and ends the
+        # execution's MLflow runs with its final state, so none is left RUNNING.
+        closer = c.close_runs(params_json=params_json, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
+        _configure(closer, "close_runs", settings, cache=False)
+        with dsl.ExitHandler(closer, name="close-mlflow-runs"):
+            run = c.tracking(
                 params_json=params_json,
-                shard_index=shard,
-                shard_count=len(shards),
+                kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                kfp_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
             )
-            _configure(extract, "extract", settings, cache=True, tracked=False, dataset=True)
-            # A shard lost to a preempted GPU node is retried, not the whole run.
-            extract.set_retry(
-                num_retries=settings.extract_retries, backoff_duration="60s", backoff_factor=2.0
+            # A new MLflow run per execution: never served from the cache.
+            _configure(run, "tracking", settings, cache=False)
+            run_id = run.output
+
+            ingest = c.ingest(dataset_root=dataset_root, params_json=params_json)
+            # Ingest is a pure function of the raw data and params: rerunning a configuration
+            # (a retry after a failed training) reuses its manifests.
+            _configure(ingest, "ingest", settings, cache=True, tracked=False, dataset=True)
+            manifests = ingest.outputs["manifests"]
+
+            pretrain = c.pretrain(
+                manifests=manifests, params_json=params_json, pipeline_run_id=run_id
             )
+            _configure(pretrain, "pretrain", settings, cache=False, dataset=True)
 
-        merge = c.extract_merge(parts=dsl.Collected(extract.outputs["detections"]))
-        _configure(merge, "extract_merge", settings, cache=True, tracked=False)
+            train = c.train(
+                manifests=manifests,
+                idnet=pretrain.outputs["idnet"],
+                params_json=params_json,
+                pipeline_run_id=run_id,
+            )
+            # Training is never cached: each run is a new model and a new MLflow run.
+            _configure(train, "train", settings, cache=False, dataset=True)
+            model = train.outputs["model"]
 
-        evaluate = c.evaluate(
-            manifests=manifests, detections=merge.outputs["detections"], params_json=params_json
-        )
-        _configure(evaluate, "evaluate", settings, cache=True, tracked=False)
+            with dsl.ParallelFor(shards, name="extract-shards") as shard:
+                extract = c.extract(
+                    manifests=manifests,
+                    model=model,
+                    params_json=params_json,
+                    shard_index=shard,
+                    shard_count=len(shards),
+                )
+                _configure(extract, "extract", settings, cache=True, tracked=False, dataset=True)
+                # A shard lost to a preempted GPU node is retried, not the whole run.
+                extract.set_retry(
+                    num_retries=settings.extract_retries, backoff_duration="60s", backoff_factor=2.0
+                )
 
-        register = c.register(
-            model=model,
-            report=evaluate.outputs["report"],
-            params_json=params_json,
-            pipeline_run_id=run_id,
-        )
-        # Registering has side effects in the MLflow registry: never cached.
-        _configure(register, "register", settings, cache=False)
+            merge = c.extract_merge(parts=dsl.Collected(extract.outputs["detections"]))
+            _configure(merge, "extract_merge", settings, cache=True, tracked=False)
 
-        # register's output is the new version when it beats the champion, else "".
-        with dsl.If(register.output != "", name="beats-champion"):
-            promote = c.promote(params_json=params_json, version=register.output)
-            _configure(promote, "promote", settings, cache=False)
+            evaluate = c.evaluate(
+                manifests=manifests, detections=merge.outputs["detections"], params_json=params_json
+            )
+            _configure(evaluate, "evaluate", settings, cache=True, tracked=False)
+
+            register = c.register(
+                model=model,
+                report=evaluate.outputs["report"],
+                params_json=params_json,
+                pipeline_run_id=run_id,
+            )
+            # Registering has side effects in the MLflow registry: never cached.
+            _configure(register, "register", settings, cache=False)
+
+            # register's output is the new version when it beats the champion, else "".
+            with dsl.If(register.output != "", name="beats-champion"):
+                promote = c.promote(params_json=params_json, version=register.output)
+                _configure(promote, "promote", settings, cache=False)
 
     return dsl.pipeline(name=settings.name, description=person_search.__doc__)(person_search)

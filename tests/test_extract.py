@@ -263,7 +263,7 @@ def test_gt_boxes_reproduce_the_annotations(scene_manifests, random_models, tmp_
 
 
 def test_idnet_features_on_detected_boxes(single_run, scene_manifests, random_models, tmp_path):
-    from psearch.inference.engine import crop_boxes
+    from psearch.data.crops import cut_crops
     from psearch.models.io import load_model
 
     out = tmp_path / "dets"
@@ -286,7 +286,7 @@ def test_idnet_features_on_detected_boxes(single_run, scene_manifests, random_mo
     root = read_manifests(scene_manifests).info["root"]
     image = decode_image(f"{root}/Image/SSM/s{idnet['image_id'][0]}.png", mode=ImageReadMode.RGB)
     box = np.array([[idnet[c][0] for c in ("x1", "y1", "x2", "y2")]])
-    crops = crop_boxes(image, box, (64, 32))
+    crops = cut_crops(image, box, (64, 32), model.context)
     assert crops.shape == (1, 3, 64, 32)
     with torch.inference_mode():
         expected = model.features(crops)[0].numpy()

@@ -54,6 +54,23 @@ def test_rss_k_is_capped_at_all_classes_and_then_equals_the_full_softmax():
     torch.testing.assert_close(rss(features, labels)[0], full(features, labels)[0])
 
 
+@pytest.mark.parametrize("scale", [1.0, 30.0])
+def test_softmax_losses_classify_the_scaled_unit_feature(scale):
+    torch.manual_seed(0)
+    features, labels = unit_features(30), torch.randint(0, C + 1, (30,))
+    full = SoftmaxLoss(C, D, scale=scale)
+    expected = F.cross_entropy(full.classifier(scale * features), labels)
+    torch.testing.assert_close(full(features, labels)[0], expected)
+    # RSS: the same logits, restricted to each sample's K classes (label in column 0).
+    rss = RandomSamplingSoftmaxLoss(C, D, k=5, scale=scale)
+    rss.load_state_dict(full.state_dict())
+    torch.manual_seed(1)
+    chosen = rss.sample_classes(labels)
+    logits = full.classifier(scale * features).gather(1, chosen)
+    torch.manual_seed(1)
+    torch.testing.assert_close(rss(features, labels)[0], F.cross_entropy(logits, 0 * labels))
+
+
 def test_rss_samples_other_identities_uniformly():
     torch.manual_seed(0)
     loss = RandomSamplingSoftmaxLoss(C, D, k=6)

@@ -39,7 +39,7 @@ def test_idnet_learns_to_tell_two_identities_apart():
     batch[4:, 2] = 1.0
     batch += 0.1 * torch.rand_like(batch)
     labels = torch.tensor([0] * 4 + [1] * 4)
-    optimiser = torch.optim.SGD(idnet.parameters(), lr=0.05, momentum=0.9)
+    optimiser = torch.optim.SGD(idnet.parameters(), lr=0.01, momentum=0.9)
     for _ in range(15):
         out = idnet(batch, labels)
         optimiser.zero_grad()
@@ -50,7 +50,7 @@ def test_idnet_learns_to_tell_two_identities_apart():
 
 def test_transfer_copies_trunk_head_embedding_and_classifier():
     torch.manual_seed(0)
-    idnet = build_idnet(tiny_cfg(), LossConfig(), NUM_CLASSES)
+    idnet = build_idnet(tiny_cfg(), LossConfig(), NUM_CLASSES, context=2.0)
     torch.manual_seed(1)
     joint = build_joint_net(tiny_cfg(), LossConfig(), NUM_CLASSES)
     rpn_before = {k: v.clone() for k, v in joint.rpn.state_dict().items()}
@@ -59,16 +59,27 @@ def test_transfer_copies_trunk_head_embedding_and_classifier():
     assert {"roi_head.fc6.weight", "embedding.weight", "reid_loss.classifier.weight"} <= set(copied)
     joint_state = joint.state_dict()
     for key, value in idnet.state_dict().items():
-        assert torch.equal(joint_state[key], value), key
+        if key != "crop_context":  # IDNet's own crop geometry
+            assert torch.equal(joint_state[key], value), key
     for key, value in joint.rpn.state_dict().items():
         assert torch.equal(value, rpn_before[key])  # the RPN is not IDNet's to set
-    # both compute the same feature for a crop pooled as one RoI
+    # Both compute the same feature for the person inside a context crop (the crop spans
+    # twice the box, so the box is its central half) pooled as one RoI.
     idnet.eval(), joint.eval()
     crop = crops(1)
     expected = idnet.features(crop)
     feature_map = joint.backbone((crop - idnet.mean) / idnet.std)
+    person = torch.tensor([[12.0, 24.0, 36.0, 72.0]])
+    torch.testing.assert_close(joint.box_features(feature_map, [person], (96, 48)), expected)
     whole = torch.tensor([[0.0, 0.0, 48.0, 96.0]])
-    torch.testing.assert_close(joint.box_features(feature_map, [whole], (96, 48)), expected)
+    assert not torch.allclose(joint.box_features(feature_map, [whole], (96, 48)), expected)
+
+
+def test_idnet_context_is_saved_with_the_model(tmp_path):
+    from psearch.models.io import load_model, save_model
+
+    path = save_model(tmp_path / "idnet.pt", build_idnet(tiny_cfg(), LossConfig(), 3, 1.5))
+    assert load_model(path)[0].context == 1.5
 
 
 def test_transfer_accepts_a_saved_checkpoint_and_skips_another_loss_kind():

@@ -26,6 +26,7 @@ STAGES = {
     "evaluate",
     "register",
     "promote",
+    "close-runs",
 }
 GPU_STAGES = {"pretrain", "train", "extract"}
 
@@ -59,6 +60,12 @@ def _all_tasks(spec: dict) -> dict[str, dict]:
     return tasks
 
 
+def _stages_dag(spec: dict) -> dict[str, dict]:
+    """The tasks inside the pipeline's dsl.ExitHandler: every stage but close-runs."""
+    handler = spec["root"]["dag"]["tasks"]["exit-handler-1"]
+    return spec["components"][handler["componentRef"]["name"]]["dag"]["tasks"]
+
+
 def _executor(spec: dict, task: str) -> dict:
     return spec["deploymentSpec"]["executors"][f"exec-{task}"]["container"]
 
@@ -82,7 +89,7 @@ def test_every_stage_is_a_task_on_its_image(compiled):
 
 def test_dag_edges(compiled):
     spec, _ = compiled
-    root = spec["root"]["dag"]["tasks"]
+    root = _stages_dag(spec)
 
     def deps(name: str) -> set[str]:
         return set(root[name].get("dependentTasks", []))
@@ -99,9 +106,24 @@ def test_dag_edges(compiled):
     assert deps(condition) == {"register"}
 
 
-def test_extraction_fans_out_over_shards_and_merges_collected(compiled):
+def test_close_runs_is_the_exit_handler_of_every_stage(compiled):
     spec, _ = compiled
     root = spec["root"]["dag"]["tasks"]
+    assert set(root) == {"exit-handler-1", "close-runs"}
+    assert {"tracking", "ingest", "train", "register"} <= set(_stages_dag(spec))
+    close = root["close-runs"]
+    # It runs once the handler's tasks end, failed or not, and gets their final state.
+    assert close["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
+    assert close["inputs"]["parameters"]["status"] == {
+        "taskFinalStatus": {"producerTask": "exit-handler-1"}
+    }
+    kfp_run_id = close["inputs"]["parameters"]["kfp_run_id"]["runtimeValue"]["constant"]
+    assert kfp_run_id == "{{$.pipeline_job_uuid}}"  # the tag the tracking task sets
+
+
+def test_extraction_fans_out_over_shards_and_merges_collected(compiled):
+    spec, _ = compiled
+    root = _stages_dag(spec)
     loop = next(t for name, t in root.items() if name.startswith("for-loop"))
     assert json.loads(loop["parameterIterator"]["items"]["raw"]) == [0, 1, 2, 3]
     body = spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"]
@@ -118,7 +140,7 @@ def test_extraction_fans_out_over_shards_and_merges_collected(compiled):
 
 def test_promotion_is_conditional_on_beating_the_champion(compiled):
     spec, _ = compiled
-    root = spec["root"]["dag"]["tasks"]
+    root = _stages_dag(spec)
     condition = next(t for name, t in root.items() if name.startswith("condition"))
     assert condition["triggerPolicy"]["condition"] == (
         "inputs.parameter_values['pipelinechannel--register-Output'] != ''"
@@ -158,7 +180,7 @@ def test_gpu_requests_only_on_gpu_stages_and_resources_everywhere(compiled):
 
 def test_credentials_come_from_the_secret_and_the_dataset_from_the_pvc(compiled):
     spec, platform = compiled
-    tracked = {"tracking", "pretrain", "train", "register", "promote"}
+    tracked = {"tracking", "pretrain", "train", "register", "promote", "close-runs"}
     for stage in STAGES:
         config = platform.get(f"exec-{stage}", {})
         if stage in tracked:
@@ -198,7 +220,7 @@ def test_caching_and_retries(compiled):
         return tasks[name].get("cachingOptions", {}).get("enableCache", False)
 
     assert cached("ingest")
-    for stage in ("tracking", "pretrain", "train", "register", "promote"):
+    for stage in ("tracking", "pretrain", "train", "register", "promote", "close-runs"):
         assert not cached(stage), stage
     retry = tasks["extract"]["retryPolicy"]
     assert retry["maxRetryCount"] == 2 and retry["backoffDuration"] == "60s"
@@ -240,7 +262,7 @@ def test_settings_change_the_dag(tmp_path, monkeypatch):
         "cloud.google.com/gke-accelerator": "nvidia-l4"
     }
     assert platform["exec-train"]["secretAsEnv"][0]["secretName"] == "other-creds"
-    loop = next(t for n, t in spec["root"]["dag"]["tasks"].items() if n.startswith("for-loop"))
+    loop = next(t for n, t in _stages_dag(spec).items() if n.startswith("for-loop"))
     assert json.loads(loop["parameterIterator"]["items"]["raw"]) == [0, 1]
     defaults = json.loads(
         spec["root"]["inputDefinitions"]["parameters"]["params_json"]["defaultValue"]

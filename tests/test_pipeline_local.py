@@ -56,7 +56,7 @@ def test_run_local_runs_every_stage_and_writes_metrics(local_run):
     run_dir = Path(result["run_dir"])
     # Every task ran, the extraction fanned out, promotion ran (no champion before).
     for task in ("ingest", "tracking", "pretrain", "train", "extract-merge", "evaluate",
-                 "register", "promote"):  # fmt: skip
+                 "register", "promote", "close-runs"):  # fmt: skip
         assert (run_dir / task / "executor_output.json").is_file(), task
     assert len(list(run_dir.glob("for-loop-*-iteration-*/extract"))) == 2
     metrics = json.loads(Path(result["metrics"]).read_text())
@@ -93,6 +93,25 @@ def test_run_local_tracks_one_pipeline_run_with_stage_children(local_run):
     assert {"pretrain", "train", "register"} <= children
     champion = client.get_model_version_by_alias(params.register.model_name, "champion")
     assert str(champion.version) == "1"
+
+
+@pytest.mark.slow
+def test_a_failed_pipeline_leaves_no_mlflow_run_running(tmp_path):
+    """The exit handler ends the parent run (and the failed stage's) as FAILED."""
+    import mlflow
+
+    from psearch.pipeline.local import run_local
+
+    # Fails at the start of pretrain, after tracking and ingest have run.
+    bad = [*QUICK, "pretrain.crop_context=0.5", "tracking.experiment=pipeline-local-failure"]
+    with pytest.raises(PsearchError, match="run-local"):
+        run_local(load_params(REPO / "params.yaml", bad), tmp_path)
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("pipeline-local-failure")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("psearch.stage") == "pipeline"]
+    assert len(parents) == 1 and parents[0].info.status == "FAILED"
+    assert all(r.info.status != "RUNNING" for r in runs)
 
 
 @pytest.mark.slow

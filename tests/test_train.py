@@ -96,6 +96,26 @@ def test_outputs_and_run_json(trained):
         assert key in info
     pre = json.loads((tmp / "pretrain" / "run.json").read_text())
     assert pre["background_crops"] == pre["labelled_crops"] > 0
+    # The IDNet keeps the crop geometry it was trained with, for extraction and the pyfunc.
+    from psearch.models.io import load_model
+
+    idnet, meta = load_model(tmp / "pretrain" / "idnet.pt")
+    pretrain_cfg = trained["params"].pretrain
+    assert idnet.context == pretrain_cfg.crop_context == 1.5
+    assert (meta["crop_height"], meta["crop_width"]) == (
+        pretrain_cfg.crop_height,
+        pretrain_cfg.crop_width,
+    )
+
+
+def test_pretrain_refuses_a_crop_context_below_one(tiny_manifests, tmp_path):
+    from psearch import stages
+
+    with pytest.raises(PsearchError, match="pretrain.crop_context: 0.9 is below 1"):
+        stages.pretrain(
+            tiny_manifests, tmp_path / "idnet", fast_params("pretrain.crop_context=0.9")
+        )
+    assert not (tmp_path / "idnet").exists()
 
 
 @pytest.mark.slow

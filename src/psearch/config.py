@@ -10,6 +10,7 @@ that do not need torch stay fast to start.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -70,6 +71,10 @@ class LossConfig:
     # rss: random sampling softmax (the paper); softmax: the ablation baseline; oim: follow-up.
     reid_loss: Literal["rss", "softmax", "oim"] = "rss"
     rss_k: int = 100
+    # rss/softmax: the L2-normalised fc8 feature is multiplied by this before the identity
+    # classifier. Unit-norm inputs bound the logits by the weights' norms, so with s = 1 the
+    # softmax stays nearly uniform and learns slowly (NormFace, Wang et al. 2017).
+    softmax_scale: float = 30.0
     oim_momentum: float = 0.5
     oim_scalar: float = 30.0
     oim_queue_size: int = 500
@@ -79,8 +84,11 @@ class LossConfig:
 class PretrainConfig:
     """IDNet: classify cropped ground-truth and background boxes into C + 1 classes."""
 
-    crop_height: int = 96
+    crop_height: int = 96  # the person box inside each crop is resized to this
     crop_width: int = 48
+    # Each crop spans this many times the box around it (>= 1), as the joint net's RoIs see
+    # their surroundings; IDNet pools only the box (psearch.data.crops).
+    crop_context: float = 1.5
     # The paper: 256 crops of 224 x 224. 64 gives the demo's ~1000 crops 15 steps an epoch.
     batch_size: int = 64
     epochs: int = 16
@@ -185,6 +193,15 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+# YAML 1.1 (PyYAML) reads `1e-4` as a string: it wants a dot (`1.0e-4`). YAML 1.2, DVC's
+# `-S train.lr=1e-4` and every user expect a number, so float fields accept that spelling.
+_FLOAT_WITHOUT_DOT = re.compile(r"[-+]?[0-9]+[eE][-+]?[0-9]+")
+
+
+def _yaml12_float(value: str) -> float | str:
+    return float(value) if _FLOAT_WITHOUT_DOT.fullmatch(value.strip()) else value
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Return `value` checked (and mildly coerced: int -> float) against type hint `tp`."""
     origin = typing.get_origin(tp)
@@ -227,6 +244,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise PsearchError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):
+            value = _yaml12_float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise PsearchError(f"{key}: expected a number, got {value!r}")
         return float(value)

@@ -18,8 +18,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.ops import box_iou
-from torchvision.transforms.v2 import functional as TF
 
+from psearch.data.crops import cut_crops
 from psearch.data.manifest import Manifests
 from psearch.errors import PsearchError
 
@@ -209,8 +209,9 @@ class CropDataset(Dataset):
     """IDNet training crops: every labelled box (label = identity 0..C-1) plus about
     `background_ratio` times as many random background boxes (label = C).
 
-    Items are (crop float [3, height, width] in 0..1, label int64). The background
-    boxes are drawn once, from `seed`, when the dataset is built.
+    Items are (crop float [3, H, W] in 0..1, label int64): the box plus `context` around it,
+    the box resized to height x width (psearch.data.crops). The background boxes are drawn
+    once, from `seed`, when the dataset is built.
     """
 
     def __init__(
@@ -222,10 +223,12 @@ class CropDataset(Dataset):
         background_ratio: float = 1.0,
         hflip: float = 0.5,
         seed: int = 0,
+        context: float = 1.0,
     ) -> None:
         self.records = scene_records(manifests, "train", num_classes, require_boxes=True)
         self.num_classes = num_classes
         self.size = (height, width)
+        self.context = context
         self.hflip = hflip
         self.seed = seed
         rng = np.random.default_rng(seed)
@@ -250,14 +253,10 @@ class CropDataset(Dataset):
         index, rng = _item_rng(self.seed, key)
         record = self.records[self.image_index[index]]
         image = read_image(record.path)
-        x1, y1, x2, y2 = self.boxes[index]
-        left, top = int(np.floor(x1)), int(np.floor(y1))
-        width = max(1, int(np.ceil(x2)) - left)
-        height = max(1, int(np.ceil(y2)) - top)
-        crop = TF.resized_crop(image, top, left, height, width, list(self.size), antialias=True)
+        crop = cut_crops(image, self.boxes[index], self.size, self.context)[0]
         if rng.random() < self.hflip:
             crop = crop.flip(-1)
-        return crop.float().div_(255), torch.tensor(self.labels[index])
+        return crop, torch.tensor(self.labels[index])
 
 
 class TestImageDataset(Dataset):

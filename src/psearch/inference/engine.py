@@ -8,7 +8,6 @@ neighbours. Each pass yields its results a chunk at a time, in the order of the 
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,8 +16,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_image
-from torchvision.transforms.v2 import functional as TF
 
+from psearch.data.crops import cut_crops
 from psearch.errors import PsearchError
 from psearch.inference.batching import padded_size, plan_batches
 
@@ -132,25 +131,11 @@ def box_feature_step(model, boxes: Sequence[np.ndarray], amp: bool) -> Callable:
     return step
 
 
-def crop_boxes(image: torch.Tensor, boxes: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
-    """[K, 3, h, w] float crops of a uint8 image, cut and resized as IDNet was trained
-    (psearch.data.loaders.CropDataset: floor/ceil the box, antialiased resize)."""
-    crops = []
-    for x1, y1, x2, y2 in np.asarray(boxes, np.float64).reshape(-1, 4):
-        left, top = math.floor(x1), math.floor(y1)
-        width = max(1, math.ceil(x2) - left)
-        height = max(1, math.ceil(y2) - top)
-        crops.append(TF.resized_crop(image, top, left, height, width, list(size), antialias=True))
-    if not crops:
-        return torch.zeros((0, 3, *size), device=image.device)
-    return torch.stack(crops).float().div_(255.0)
-
-
 def idnet_features(
     idnet, image: torch.Tensor, boxes: np.ndarray, crop_size: tuple[int, int], amp: bool
 ) -> np.ndarray:
-    """[K, D] IDNet features of the boxes cropped from one uint8 image."""
-    crops = crop_boxes(image, boxes, crop_size)
+    """[K, D] IDNet features of the boxes cropped from one uint8 image, as IDNet was trained."""
+    crops = cut_crops(image, boxes, crop_size, idnet.context)
     out = []
     with torch.inference_mode(), amp_context(image.device, amp):
         for start in range(0, len(crops), CROP_BATCH):

@@ -1,1 +1,1 @@
-"""Networks of the paper (joint net, IDNet), identity losses, model files (see docs/models.md)."""
+"""Networks of the paper (joint net, IDNet), identity losses, model files (see the README, "Models")."""

@@ -3,8 +3,10 @@
 The paper pretrains the trunk and fc layers as a classifier of cropped ground-truth and
 background boxes into C + 1 classes, then initialises the joint net from it. IDNet has the
 same modules under the same names as JointNet (``backbone``, ``roi_head``, ``embedding``,
-``reid_loss``), and pools each whole crop as one RoI, so the head sees exactly the pooled
-shape it sees in the joint net and the weights transfer by name.
+``reid_loss``), and pools the person's box inside each crop as one RoI, so the head sees
+exactly the pooled shape it sees in the joint net and the weights transfer by name. Crops
+span ``context`` times the box (psearch.data.crops explains why); ``context`` is a buffer,
+so a saved IDNet remembers it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from psearch.config import LossConfig, ModelConfig
+from psearch.data.crops import inner_box
 from psearch.errors import PsearchError
 from psearch.models.backbones import IMAGE_MEAN, IMAGE_STD, build_backbone
 from psearch.models.joint import JointNet, pool_rois
@@ -31,6 +34,7 @@ class IDNet(nn.Module):
         loss_cfg: LossConfig,
         num_classes: int,
         load_weights: bool = True,
+        context: float = 1.0,
     ) -> None:
         super().__init__()
         self.cfg = cfg
@@ -42,13 +46,19 @@ class IDNet(nn.Module):
         self.reid_loss = build_reid_loss(loss_cfg, num_classes, cfg.feat_dim)
         self.register_buffer("mean", torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGE_STD).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("crop_context", torch.tensor(float(context)))
+
+    @property
+    def context(self) -> float:
+        """How many times the person box each crop spans (height and width)."""
+        return float(self.crop_context)
 
     def features(self, crops: torch.Tensor) -> torch.Tensor:
-        """[B, 3, h, w] crops (float 0..1) -> [B, D] L2-normalised features."""
+        """[B, 3, h, w] crops (float 0..1, cut by data.crops) -> [B, D] L2-normalised features."""
         height, width = crops.shape[-2:]
         feature_map = self.backbone((crops - self.mean) / self.std)
-        whole = crops.new_tensor([[0.0, 0.0, float(width), float(height)]])
-        pooled = pool_rois(feature_map, [whole] * len(crops), (height, width), self.cfg)
+        person = crops.new_tensor([inner_box(height, width, self.context)])
+        pooled = pool_rois(feature_map, [person] * len(crops), (height, width), self.cfg)
         return F.normalize(self.embedding(self.roi_head(pooled)).float(), dim=1)
 
     def forward(self, crops: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -57,8 +67,10 @@ class IDNet(nn.Module):
         return {"loss_reid": loss, "acc_reid": acc.detach()}
 
 
-def build_idnet(cfg: ModelConfig, loss_cfg: LossConfig, num_classes: int) -> IDNet:
-    return IDNet(cfg, loss_cfg, num_classes)
+def build_idnet(
+    cfg: ModelConfig, loss_cfg: LossConfig, num_classes: int, context: float = 1.0
+) -> IDNet:
+    return IDNet(cfg, loss_cfg, num_classes, context=context)
 
 
 def transfer_idnet_weights(joint: JointNet, idnet_state: dict[str, Any]) -> list[str]:

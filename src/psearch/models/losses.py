@@ -42,9 +42,10 @@ def _empty_loss(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class SoftmaxLoss(nn.Module):
     """fc8 -> linear classifier over C identities + background, plain cross-entropy."""
 
-    def __init__(self, num_classes: int, feat_dim: int) -> None:
+    def __init__(self, num_classes: int, feat_dim: int, scale: float = 1.0) -> None:
         super().__init__()
         self.num_classes = num_classes
+        self.scale = scale
         # Named `classifier` in every loss and in IDNet so pretrained weights transfer.
         self.classifier = nn.Linear(feat_dim, num_classes + 1)
 
@@ -54,7 +55,7 @@ class SoftmaxLoss(nn.Module):
         keep = labels != IGNORE
         if not keep.any():
             return _empty_loss(features)
-        logits = self.classifier(features[keep])
+        logits = self.classifier(self.scale * features[keep])
         targets = labels[keep]
         return F.cross_entropy(logits.float(), targets), _accuracy(logits, targets)
 
@@ -67,8 +68,8 @@ class RandomSamplingSoftmaxLoss(SoftmaxLoss):
     exactly zero gradient and the cost no longer grows with C.
     """
 
-    def __init__(self, num_classes: int, feat_dim: int, k: int) -> None:
-        super().__init__(num_classes, feat_dim)
+    def __init__(self, num_classes: int, feat_dim: int, k: int, scale: float = 1.0) -> None:
+        super().__init__(num_classes, feat_dim, scale)
         if k < 2:
             raise PsearchError(f"train.loss.rss_k: {k} is too small (needs label + background)")
         self.k = min(k, num_classes + 1)
@@ -97,7 +98,7 @@ class RandomSamplingSoftmaxLoss(SoftmaxLoss):
         keep = labels != IGNORE
         if not keep.any():
             return _empty_loss(features)
-        x, targets = features[keep], labels[keep]
+        x, targets = self.scale * features[keep], labels[keep]
         chosen = self.sample_classes(targets)
         weight, bias = self.classifier.weight[chosen], self.classifier.bias[chosen]
         logits = torch.einsum("nkd,nd->nk", weight, x.to(weight.dtype)) + bias
@@ -173,9 +174,11 @@ def build_reid_loss(loss_cfg: LossConfig, num_classes: int, feat_dim: int) -> nn
     if num_classes < 1:
         raise PsearchError(f"num_classes: {num_classes}; training needs at least one identity")
     if loss_cfg.reid_loss == "rss":
-        return RandomSamplingSoftmaxLoss(num_classes, feat_dim, loss_cfg.rss_k)
+        return RandomSamplingSoftmaxLoss(
+            num_classes, feat_dim, loss_cfg.rss_k, loss_cfg.softmax_scale
+        )
     if loss_cfg.reid_loss == "softmax":
-        return SoftmaxLoss(num_classes, feat_dim)
+        return SoftmaxLoss(num_classes, feat_dim, loss_cfg.softmax_scale)
     if loss_cfg.reid_loss == "oim":
         return OIMLoss(
             num_classes,

@@ -90,15 +90,9 @@ class PersonSearchModel(mlflow.pyfunc.PythonModel):
         ]
 
     def _crop(self, image: torch.Tensor, box: list[float]) -> torch.Tensor:
-        """[1, 3, h, w]: cut and resized as IDNet's training crops are (floor/ceil, antialias)."""
-        import math
-
-        import torchvision.transforms.functional as TF
+        """[1, 3, h, w]: cut as IDNet's training crops are (psearch.data.crops)."""
+        from psearch.data.crops import cut_crops
 
         height = int(self.meta.get("crop_height", DEFAULT_CROP_SIZE[0]))
         width = int(self.meta.get("crop_width", DEFAULT_CROP_SIZE[1]))
-        x1, y1, x2, y2 = box
-        left, top = math.floor(x1), math.floor(y1)
-        box_w, box_h = max(1, math.ceil(x2) - left), max(1, math.ceil(y2) - top)
-        crop = TF.resized_crop(image, top, left, box_h, box_w, [height, width], antialias=True)
-        return crop[None]
+        return cut_crops(image, [box], (height, width), self.model.context)

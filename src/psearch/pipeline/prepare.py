@@ -6,7 +6,7 @@ With the official `kubernetes` client, before anything is submitted:
    the user's environment (created, or replaced when they changed: read first,
    so running it twice changes nothing);
 3. the dataset PVC exists (created empty when missing: the dataset is copied
-   into it once, see docs/kubeflow.md);
+   into it once, see the README, "Running on Kubeflow");
 4. nodes with the GPU label exist, have allocatable GPUs and no taint the GPU
    tasks do not tolerate.
 Every finding is one plain line; problems make the command fail.
@@ -174,7 +174,7 @@ def _dataset_pvc(api, namespace: str, settings: PipelineSettings, report: Prepar
         report.changed(
             "created",
             f"pvc {name} ({settings.dataset_pvc_size}, {settings.dataset_pvc_access_mode}); "
-            "it is empty: copy the raw dataset into it (docs/kubeflow.md)",
+            "it is empty: copy the raw dataset into it (README: 'Running on Kubeflow', step 5)",
         )
         return
     phase = pvc.status.phase if pvc.status else None

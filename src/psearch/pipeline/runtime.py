@@ -16,7 +16,7 @@ from typing import Any
 
 from psearch.config import Params, _build, to_dict
 from psearch.errors import PsearchError
-from psearch.tracking import PARENT_RUN_ENV, tracking_uri
+from psearch.tracking import PARENT_RUN_ENV, check_reachable, tracking_uri
 
 
 def params_tree(params: Params) -> dict[str, Any]:
@@ -78,14 +78,42 @@ def open_pipeline_run(params: Params, kfp_run_id: str, kfp_run_name: str) -> str
     return run.info.run_id
 
 
-def close_pipeline_run(params: Params, pipeline_run_id: str, status: str = "FINISHED") -> None:
-    """Mark the pipeline's MLflow run as ended (the register stage does this)."""
-    if not pipeline_run_id or not params.tracking.enabled:
-        return
+# KFP's final task states -> MLflow run statuses.
+MLFLOW_STATUS = {"SUCCEEDED": "FINISHED", "FAILED": "FAILED", "CANCELED": "KILLED"}
+
+
+def close_pipeline_runs(params: Params, kfp_run_id: str, state: str) -> list[str]:
+    """End this pipeline execution's MLflow runs that are still RUNNING; return their ids.
+
+    Run by the pipeline's exit handler whatever happened: the parent run (found by its
+    `kfp.run_id` tag) and any stage run under it that a killed pod left RUNNING get the
+    status of the pipeline's final state (SUCCEEDED -> FINISHED, FAILED -> FAILED,
+    CANCELED -> KILLED).
+    """
+    if not params.tracking.enabled:
+        return []
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri(params.tracking))
-    mlflow.MlflowClient().set_terminated(pipeline_run_id, status=status)
+    uri = tracking_uri(params.tracking)
+    check_reachable(uri)
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name(params.tracking.experiment)
+    if experiment is None:
+        return []
+    status = MLFLOW_STATUS.get(state.upper(), "FAILED")
+    ids = [experiment.experiment_id]
+    parents = client.search_runs(ids, filter_string=f"tags.`kfp.run_id` = '{kfp_run_id}'")
+    closed = []
+    for parent in parents:
+        children = client.search_runs(
+            ids, filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+        )
+        for run in [*children, parent]:
+            if run.info.status == "RUNNING":
+                client.set_terminated(run.info.run_id, status=status)
+                closed.append(run.info.run_id)
+    return closed
 
 
 def beats_champion(params: Params, version: str) -> tuple[bool, str]:

@@ -57,6 +57,7 @@ def _default_resources() -> dict[str, TaskResources]:
         "evaluate": TaskResources("2", "4", "8Gi", "8Gi"),
         "register": TaskResources("500m", "1", "1Gi", "2Gi"),
         "promote": TaskResources("500m", "1", "1Gi", "2Gi"),
+        "close_runs": TaskResources("250m", "500m", "512Mi", "1Gi"),
     }
 
 

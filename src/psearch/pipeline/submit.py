@@ -69,7 +69,7 @@ def check_reachable(host: str) -> None:
         if exc.code in (401, 403):
             raise PsearchError(
                 f"{host}: Kubeflow refused the request (HTTP {exc.code}); log in or port-forward "
-                "ml-pipeline-ui (see docs/kubeflow.md)"
+                "ml-pipeline-ui (see the README, 'Running on Kubeflow')"
             ) from None
         raise PsearchError(f"{host}: not a Kubeflow Pipelines API (HTTP {exc.code})") from None
     except (urllib.error.URLError, OSError) as exc:

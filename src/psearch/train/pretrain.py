@@ -16,6 +16,7 @@ import torch
 from psearch.config import Params, to_dict
 from psearch.data.loaders import CropDataset, num_train_identities
 from psearch.data.manifest import read_manifests
+from psearch.errors import PsearchError
 from psearch.tracking import data_version
 from psearch.train import checkpoint as ckpt
 from psearch.train.distributed import barrier, cleanup, dist_context
@@ -42,6 +43,8 @@ def pretrain(manifests: Path, out: Path, params: Params, resume: bool = False) -
     from psearch.models.idnet import build_idnet
 
     cfg = params.pretrain
+    if cfg.crop_context < 1.0:
+        raise PsearchError(f"pretrain.crop_context: {cfg.crop_context} is below 1 (the whole box)")
     ctx = dist_context()
     tables = read_manifests(manifests)
     num_classes = num_train_identities(tables)
@@ -53,9 +56,10 @@ def pretrain(manifests: Path, out: Path, params: Params, resume: bool = False) -
         cfg.background_ratio,
         hflip=cfg.hflip,
         seed=cfg.seed,
+        context=cfg.crop_context,
     )
     seed_everything(cfg.seed)  # the same initial weights on every rank and every run
-    model = build_idnet(params.model, params.train.loss, num_classes)
+    model = build_idnet(params.model, params.train.loss, num_classes, cfg.crop_context)
     fingerprint = ckpt.fingerprint(
         "pretrain",
         {
@@ -90,11 +94,14 @@ def pretrain(manifests: Path, out: Path, params: Params, resume: bool = False) -
                     "labelled_crops": labelled,
                     "background_crops": len(dataset) - labelled,
                 }
+                meta = model_meta("pretrain", params, num_classes, result)
+                # The crop geometry: extraction and the pyfunc cut crops as training did.
+                meta.update(crop_height=cfg.crop_height, crop_width=cfg.crop_width)
                 info = write_output(
                     out,
                     "idnet.pt",
                     engine.model,
-                    model_meta("pretrain", params, num_classes, result),
+                    meta,
                     run,
                     metrics,
                     extra,
