@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import numpy as np
 import pandas as pd
 import pytest
@@ -125,7 +126,7 @@ def test_missing_paths_are_user_errors(tmp_path):
         load_model(tmp_path)
 
 
-def test_mlflow_log_and_load_round_trip(tmp_path, joint, monkeypatch):
+def test_mlflow_log_and_load_round_trip(tmp_path, joint, monkeypatch, caplog):
     import mlflow
     import mlflow.pyfunc
 
@@ -134,13 +135,23 @@ def test_mlflow_log_and_load_round_trip(tmp_path, joint, monkeypatch):
     mlflow.set_experiment("models-test")
     model_file = save_model(tmp_path / "model.pt", joint, {"epoch": 4})
     with mlflow.start_run() as run:
-        uri = log_model(model_file)
+        uri, logged_uri = log_model(model_file)
     assert uri == f"runs:/{run.info.run_id}/model"
+    assert logged_uri.startswith("models:/m-")
+    assert isinstance(load_model(logged_uri)[0], JointNet)
 
     model, meta = load_model(uri)
     assert meta == {"epoch": 4}
     assert_same_outputs(joint, model)
-    version = mlflow.register_model(uri, "person-search").version
+    # The logged model's own URI registers without MLflow's runs:/ fallback warning
+    # (MLflow's loggers do not propagate: listen on them directly).
+    mlflow_logger = logging.getLogger("mlflow")
+    mlflow_logger.addHandler(caplog.handler)
+    try:
+        version = mlflow.register_model(logged_uri, "person-search").version
+    finally:
+        mlflow_logger.removeHandler(caplog.handler)
+    assert "has no artifacts at artifact path" not in caplog.text
     client = mlflow.MlflowClient()
     client.set_registered_model_alias("person-search", "champion", version)
     for registry_uri in (f"models:/person-search/{version}", "models:/person-search@champion"):

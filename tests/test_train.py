@@ -90,6 +90,7 @@ def test_outputs_and_run_json(trained):
     assert sorted(p.name for p in (tmp / "train").iterdir()) == ["model.pt", "run.json"]
     info = json.loads((tmp / "train" / "run.json").read_text())
     assert info["model_uri"] == f"runs:/{info['run_id']}/model"
+    assert info["logged_model_uri"].startswith("models:/m-")
     assert info["num_classes"] == 15 and info["steps"] == 12
     assert info["init_transferred_keys"] > 0
     for key in ("final_loss", "final_loss_det", "final_loss_reid", "final_loss_rpn_cls"):

@@ -41,10 +41,14 @@ def flatten_metrics(tree: dict[str, Any], prefix: str = "") -> dict[str, float]:
 
 
 def read_training_run(model_dir: Path) -> tuple[str, str]:
-    """(run_id, model_uri) from a training output directory's run.json."""
+    """(run_id, model URI to register) from a training output directory's run.json.
+
+    The URI is MLflow 3's logged-model id when run.json has it (registering it needs no
+    fallback from the run's artifact path), else the run's ``runs:/`` URI.
+    """
     path = Path(model_dir) / "run.json" if Path(model_dir).is_dir() else Path(model_dir)
     info = read_json_object(path, missing="training run record (run.json) not found")
-    run_id, model_uri = info.get("run_id"), info.get("model_uri")
+    run_id, model_uri = info.get("run_id"), info.get("logged_model_uri") or info.get("model_uri")
     if not run_id or not model_uri:
         raise PsearchError(
             f"{path}: no MLflow run_id/model_uri (was the model trained with tracking disabled?)"

@@ -148,8 +148,13 @@ def _load_local(path: Path, device: str | torch.device, source: str | None = Non
     return model.to(device), dict(checkpoint.get("meta") or {})
 
 
-def log_model(model_file: str | Path, name: str = "model") -> str:
-    """Log a model file to the active MLflow run as a pyfunc model; return ``runs:/<id>/<name>``."""
+def log_model(model_file: str | Path, name: str = "model") -> tuple[str, str]:
+    """Log a model file to the active MLflow run as a pyfunc model.
+
+    Returns ``(runs:/<run id>/<name>, models:/<logged model id>)``: the first is the URI
+    users read in the run, the second MLflow 3's own id of the logged model, which the
+    registry takes without falling back (and warning) from the run's artifact path.
+    """
     import mlflow
 
     from psearch.models.pyfunc import PersonSearchModel, pip_requirements
@@ -160,10 +165,10 @@ def log_model(model_file: str | Path, name: str = "model") -> str:
     run = mlflow.active_run()
     if run is None:
         raise RuntimeError("log_model needs an active MLflow run (mlflow.start_run)")
-    mlflow.pyfunc.log_model(
+    logged = mlflow.pyfunc.log_model(
         name=name,
         python_model=PersonSearchModel(),
         artifacts={"checkpoint": str(model_file)},
         pip_requirements=pip_requirements(),
     )
-    return f"runs:/{run.info.run_id}/{name}"
+    return f"runs:/{run.info.run_id}/{name}", logged.model_uri

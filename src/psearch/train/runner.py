@@ -81,7 +81,7 @@ def write_output(
             import mlflow
 
             mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
-            info["model_uri"] = log_model(tmp / file_name, name="model")
+            info["model_uri"], info["logged_model_uri"] = log_model(tmp / file_name, "model")
         info.update(extra)
         info.update(metrics)
         (tmp / "run.json").write_text(json.dumps(info, indent=2) + "\n")
