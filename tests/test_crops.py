@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from psearch.data.crops import FILL, crop_size, cut_crops, inner_box
+from psearch.data.crops import crop_size, cut_crops, inner_box
+from psearch.models.backbones import IMAGE_MEAN
 
 
 def scene() -> torch.Tensor:
@@ -46,7 +47,7 @@ def test_the_inner_box_of_a_context_crop_is_the_plain_crop(context):
 
 def test_outside_the_image_is_the_normalisation_mean():
     crops = cut_crops(scene(), [[0, 0, 20, 40]], (40, 20), 2.0)  # top-left corner box
-    fill = torch.tensor(FILL).view(3, 1, 1)
+    fill = torch.tensor(IMAGE_MEAN).view(3, 1, 1)
     torch.testing.assert_close(crops[0, :, :15, :7], fill.expand(3, 15, 7), atol=1e-6, rtol=0)
     assert not torch.allclose(crops[0, :, 50:, 20:], fill.expand(3, 30, 20), atol=0.02)
 

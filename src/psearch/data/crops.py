@@ -17,8 +17,7 @@ import numpy as np
 import torch
 from torchvision.ops import roi_align
 
-# torchvision's ImageNet normalisation mean (psearch.models.backbones.IMAGE_MEAN).
-FILL = (0.485, 0.456, 0.406)
+from psearch.models.backbones import IMAGE_MEAN
 
 
 def crop_size(size: tuple[int, int], context: float) -> tuple[int, int]:
@@ -47,7 +46,7 @@ def cut_crops(
     centre = (boxes[:, :2] + boxes[:, 2:]) / 2
     half = (boxes[:, 2:] - boxes[:, :2]).clamp(min=1.0) * (context / 2)
     regions = torch.cat([centre - half, centre + half], dim=1)
-    fill = torch.tensor(FILL, device=image.device).view(1, 3, 1, 1)
+    fill = torch.tensor(IMAGE_MEAN, device=image.device).view(1, 3, 1, 1)
     # RoIAlign reads zero outside the image: centre on the fill colour so that is the fill.
     shifted = image[None].float().div(255.0) - fill
     crops = roi_align(shifted, [regions], out_size, spatial_scale=1.0, aligned=True)

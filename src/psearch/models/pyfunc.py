@@ -15,12 +15,13 @@ from typing import Any
 import mlflow.pyfunc
 import torch
 
+from psearch.config import PretrainConfig
 from psearch.errors import PsearchError
 
 BOX_COLUMNS = ["x1", "y1", "x2", "y2"]
 OUTPUT_COLUMNS = ["path", *BOX_COLUMNS, "score", "feature"]
-# IDNet crops when the checkpoint's meta does not say (PretrainConfig's defaults).
-DEFAULT_CROP_SIZE = (96, 48)
+# IDNet crops when the checkpoint's meta does not say (older IDNet files).
+DEFAULT_CROP_SIZE = (PretrainConfig.crop_height, PretrainConfig.crop_width)
 
 
 def pip_requirements() -> list[str]:
