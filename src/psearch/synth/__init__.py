@@ -1,0 +1,1 @@
+"""The synthetic CUHK-SYSU-layout dataset generator (`psearch synth`)."""
