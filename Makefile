@@ -27,6 +27,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks components pipelines
 	$(BIN)/ruff format --check src tests benchmarks components pipelines
+	$(BIN)/lint-imports
 
 # The documentation site (mkdocs.yml, docs/): --strict fails on a broken link or a page
 # missing from the nav. Browse it while editing with `.venv/bin/mkdocs serve`.

@@ -53,6 +53,8 @@ PLANTED = [
     ("src/psearch/stages.py", "import kfp", "the library imports no orchestrator"),
     ("src/psearch/tracking/__init__.py", "import pipelines", "the library imports no orchestrator"),
     ("src/psearch/imaging.py", "import psearch.data", "psearch layers only point down"),
+    ("components/runtime.py", "import pipelines.settings", "the orchestration wing points one way"),
+    ("src/psearch/data/manifest.py", "import psearch.data.ingest", "no import cycles"),
 ]
 
 
