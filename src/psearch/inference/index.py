@@ -49,6 +49,7 @@ IMAGES_FILE = "images.parquet"
 OVERSAMPLE = 4
 # IVF training sample per list (faiss warns below 39; more buys little).
 TRAIN_PER_LIST = 64
+PQ_TRAIN = 256 * 39
 
 DETECTIONS_SCHEMA = pa.schema(
     [
@@ -126,7 +127,11 @@ def fill_index(index: faiss.Index, features: np.ndarray, seed: int = 0) -> faiss
                 f"index: {len(features)} detections cannot train {ivf.nlist} lists "
                 "(lower index.nlist, or use index.kind=flat)"
             )
-        sample = min(len(features), ivf.nlist * TRAIN_PER_LIST)
+        # A product quantizer learns 256 centroids per sub-vector: it needs ~10^4 points.
+        wanted = ivf.nlist * TRAIN_PER_LIST
+        if isinstance(index, faiss.IndexIVFPQ):
+            wanted = max(wanted, PQ_TRAIN)
+        sample = min(len(features), wanted)
         rows = np.random.default_rng(seed).choice(len(features), sample, replace=False)
         index.train(features[np.sort(rows)])
     index.add(features)
