@@ -11,7 +11,6 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from conftest import INFERENCE_OVERRIDES
-from serving_fixtures import index_params, scene_extraction, scene_index  # noqa: F401
 
 from psearch.cli import main
 from psearch.config import IndexConfig

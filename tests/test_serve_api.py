@@ -11,12 +11,6 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from serving_fixtures import (  # noqa: F401
-    index_params,
-    scene_extraction,
-    scene_index,
-    search_service,
-)
 
 from psearch.models.io import load_model, save_model
 from psearch.serving.app import create_app
@@ -135,7 +129,9 @@ def test_other_bad_requests(client):
     bomb = io.BytesIO()
     Image.new("L", (9000, 9000)).save(bomb, "PNG")
     response = client.post(
-        "/search", files={"image": ("bomb.png", bomb.getvalue(), "image/png")}, data={"box": "1,1,5,5"}
+        "/search",
+        files={"image": ("bomb.png", bomb.getvalue(), "image/png")},
+        data={"box": "1,1,5,5"},
     )
     assert response.status_code == 413 and "pixels" in response.json()["error"]
 
@@ -154,7 +150,9 @@ def test_reload_swaps_the_model_without_dropping_requests(
 
     def hammer():
         while not stop.is_set():
-            statuses.append(client.post("/search", data={"image_id": 3, "box": "30,10,30,80"}).status_code)
+            statuses.append(
+                client.post("/search", data={"image_id": 3, "box": "30,10,30,80"}).status_code
+            )
 
     threads = [threading.Thread(target=hammer) for _ in range(2)]
     for thread in threads:

@@ -11,7 +11,6 @@ import os
 from pathlib import Path
 
 import pytest
-from serving_fixtures import index_params, live_server, scene_extraction, scene_index  # noqa: F401
 
 CHROMIUM = Path(os.environ.get("PSEARCH_CHROMIUM", "/usr/bin/chromium"))
 
@@ -56,7 +55,9 @@ def test_draw_a_box_and_open_a_match(live_server, tmp_path):
 
             page.locator("#search").click()
             page.wait_for_selector("#results li button")
-            page.wait_for_function("!document.body.getAttribute('aria-busy') || document.body.getAttribute('aria-busy') === 'false'")
+            page.wait_for_function(
+                "!document.body.getAttribute('aria-busy') || document.body.getAttribute('aria-busy') === 'false'"
+            )
             assert page.locator("#results li").count() == 7
             assert "matches in" in page.locator("#status-text").inner_text()
             page.wait_for_function(
@@ -76,7 +77,9 @@ def test_draw_a_box_and_open_a_match(live_server, tmp_path):
             # A detected box is a keyboard-reachable button too.
             page.locator("#overlay rect.det").first.focus()
             page.keyboard.press("Enter")
-            page.wait_for_function("document.getElementById('status-text').textContent.includes('matches in')")
+            page.wait_for_function(
+                "document.getElementById('status-text').textContent.includes('matches in')"
+            )
             assert errors == []
         finally:
             browser.close()

@@ -7,12 +7,6 @@ from __future__ import annotations
 
 import schemathesis
 from hypothesis import HealthCheck, given, settings
-from serving_fixtures import (  # noqa: F401
-    index_params,
-    scene_extraction,
-    scene_index,
-    search_service,
-)
 
 from psearch.serving.app import create_app
 

@@ -6,7 +6,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from serving_fixtures import index_params, live_server, scene_extraction, scene_index  # noqa: F401
 
 pytestmark = pytest.mark.integration
 
