@@ -36,9 +36,9 @@ from psearch.config import IndexConfig, Params, to_dict
 from psearch.data.loaders import dataset_root
 from psearch.data.manifest import GALLERY_DETECTIONS, feature_dim, read_manifests
 from psearch.errors import PsearchError
+from psearch.inference.loading import fetch_model
 from psearch.inference.writer import read_extraction_json
 from psearch.jsonfile import read_json_object
-from psearch.models.io import load_model
 
 INDEX_FORMAT = "psearch-index/1"
 INDEX_JSON = "index.json"
@@ -189,7 +189,7 @@ def build_index(
     if unknown:
         raise PsearchError(f"{path}: image_id {min(unknown)} is not a gallery image")
     model_uri = str(model or info.get("model"))
-    fingerprint = weights_fingerprint(load_model(model_uri)[0])
+    fingerprint = weights_fingerprint(fetch_model(model_uri)[0])
     index = fill_index(make_index(cfg, dim, len(features)), features)
     rows = pa.Table.from_arrays(
         [
