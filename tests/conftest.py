@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+# Fixtures of the search service's tests (an index over the test scenes, a running server).
+pytest_plugins = ["serving_fixtures"]
+
 # Tests never reach the internet: no usage telemetry from MLflow or DVC, no version checks.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "1")

@@ -162,6 +162,23 @@ class EvaluateConfig:
 
 
 @dataclass
+class IndexConfig:
+    """The gallery's nearest-neighbour index (`psearch index`, read by search and serve)."""
+
+    # flat: exact inner product (IndexFlatIP); ivf: inverted lists (IVF-Flat, or IVF-PQ when
+    # pq_m > 0); hnsw: a navigable small-world graph. Approximate kinds pay off past ~10^5.
+    kind: Literal["flat", "ivf", "hnsw"] = "flat"
+    # Detections below this score are left out; None = evaluate.det_thresh.
+    det_thresh: float | None = None
+    nlist: int = 0  # ivf: inverted lists; 0 = 4 * sqrt(detections)
+    nprobe: int = 16  # ivf: lists visited per query
+    pq_m: int = 0  # ivf: product-quantizer sub-vectors (8 bits each); 0 = IVF-Flat
+    hnsw_m: int = 32  # hnsw: neighbours per node
+    ef_construction: int = 200  # hnsw: search width while building
+    ef_search: int = 128  # hnsw: search width per query
+
+
+@dataclass
 class RegisterConfig:
     model_name: str = "person-search"
     metric: str = "search.gallery_100.mAP"
@@ -185,6 +202,7 @@ class Params:
     train: TrainConfig = field(default_factory=TrainConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
     register: RegisterConfig = field(default_factory=RegisterConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     # The Kubeflow pipeline's settings (images, resources); free-form, checked by psearch.pipeline.

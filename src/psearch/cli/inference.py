@@ -95,9 +95,15 @@ def _add_search(subparsers, common: argparse.ArgumentParser) -> None:
     p.add_argument("--box", required=True, metavar="X,Y,W,H", help="the person's box, pixels")
     p.add_argument(
         "--gallery",
-        required=True,
+        default=None,
         metavar="GALLERY",
         help="a folder of images, or an extraction directory (psearch extract)",
+    )
+    p.add_argument(
+        "--index",
+        metavar="INDEX",
+        default=None,
+        help="instead of --gallery: a gallery index (psearch index); faster on large galleries",
     )
     p.add_argument("--top-k", type=int, default=10, metavar="K", help="matches to show")
     add_out(p, "PNG", "picture of the query and matches", required=False)
@@ -185,12 +191,13 @@ def _search(args: argparse.Namespace) -> int:
         model=args.model,
         query=Path(args.query),
         box=parse_box(args.box),
-        gallery=Path(args.gallery),
+        gallery=Path(args.gallery) if args.gallery else None,
         params=params,
         top_k=args.top_k,
         out=Path(args.out) if args.out else None,
         det_thresh=args.det_thresh,
         manifests=Path(args.manifests) if args.manifests else None,
+        index=Path(args.index) if args.index else None,
     )
     print(format_matches(result), end="")
     return 0

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from psearch.config import Params
 from psearch.data.manifest import GALLERY_DETECTIONS, feature_dim, read_manifests
 from psearch.errors import PsearchError
+from psearch.inference.index import GalleryIndex, weights_fingerprint
 from psearch.inference.render import render_search
 from psearch.inference.writer import read_extraction_json
 
@@ -66,20 +67,25 @@ def search(
     model: str,
     query: Path,
     box: list[float],
-    gallery: Path,
+    gallery: Path | None,
     params: Params,
     top_k: int = 10,
     out: Path | None = None,
     det_thresh: float | None = None,
     manifests: Path | None = None,
+    index: Path | None = None,
 ) -> dict[str, Any]:
-    """Rank the gallery's images for the person at `box` (x, y, w, h) in `query`."""
+    """Rank the gallery's images for the person at `box` (x, y, w, h) in `query` (the gallery
+    is `index`, a `psearch index` output, when given)."""
     # lazy: torch takes seconds to import; the command line imports this module at start-up
     from psearch.inference.loading import load_joint, resolve_device
 
     if top_k < 1:
         raise PsearchError(f"--top-k {top_k}: must be at least 1")
-    query, gallery = Path(query), Path(gallery)
+    if (gallery is None) == (index is None):
+        raise PsearchError("give one of --gallery or --index")
+    query = Path(query)
+    gallery = Path(gallery if index is None else index)
     height, width = _image_size(query)
     x, y, w, h = box
     if x < 0 or y < 0 or x + w > width or y + h > height:
@@ -91,6 +97,10 @@ def search(
     device = resolve_device(params.extract.device)
     joint, _ = load_joint(model, params, device)
     notes = []
+    if index is not None:
+        return _search_index(
+            gallery, query, [x, y, w, h], query_xyxy, joint, params, device, top_k, thresh, out
+        )
     if (gallery / GALLERY_DETECTIONS).is_file():
         source, info = "extraction", read_extraction_json(gallery)
         if not _same_model(str(info.get("model")), str(model)):
@@ -116,9 +126,13 @@ def search(
             f"{query_feature.shape[0]} (extracted with another model?)"
         )
     matches = rank_images(image_paths, boxes, scores, feats @ query_feature, top_k)
+    return _result(query, [x, y, w, h], query_xyxy, gallery, source, thresh, matches, notes, out)
+
+
+def _result(query, box, query_xyxy, gallery, source, thresh, matches, notes, out):
     result = {
         "query": str(query),
-        "box": [x, y, w, h],
+        "box": box,
         "gallery": str(gallery),
         "source": source,
         "det_thresh": thresh,
@@ -130,6 +144,30 @@ def search(
         render_search(query, query_xyxy[0].tolist(), matches, Path(out))
         result["picture"] = str(out)
     return result
+
+
+def _search_index(path, query, box, query_xyxy, joint, params, device, top_k, thresh, out):
+    """search() over a built index: faiss finds the candidates, no full matrix is read."""
+    gallery = GalleryIndex(path)
+    meta, notes = gallery.meta, []
+    if weights_fingerprint(joint) != (meta.get("model") or {}).get("fingerprint"):
+        notes.append(
+            f"note: {path} was built from features of {(meta.get('model') or {}).get('uri')}, "
+            "not this model; similarities are only meaningful for the same model"
+        )
+    if thresh < meta.get("det_thresh", 0.0):
+        notes.append(
+            f"note: {path} holds only detections with score >= {meta['det_thresh']} "
+            f"(asked for >= {thresh})"
+        )
+    info = {"features": meta.get("features"), "idnet": meta.get("idnet")}
+    query_feature = _query_feature(query, query_xyxy, joint, info, params, device)
+    # The query's own image is never in its gallery.
+    # (index paths are stored resolved: a string compare, no stat of every image)
+    resolved = str(query.resolve())
+    own = {i for i, image in gallery.images.items() if image.path == resolved}
+    matches = gallery.search(query_feature, top_k, own, min_score=thresh)
+    return _result(query, box, query_xyxy, path, "index", thresh, matches, notes, out)
 
 
 def rank_images(
