@@ -21,10 +21,21 @@ def synth(out: Path, cfg: DataConfig) -> dict[str, Any]:
 
 
 def ingest(root: Path, out: Path, cfg: IngestConfig) -> dict[str, Any]:
-    """Read a raw CUHK-SYSU or PRW dataset at `root`; write the manifests to `out`."""
+    """Read a raw CUHK-SYSU or PRW dataset, or a table of boxes, at `root`; write the
+    manifests to `out`."""
     from psearch.data.ingest import ingest as run
+    from psearch.data.table import TableOptions
 
-    return run(Path(root), Path(out), fmt=cfg.format)
+    table = None
+    if cfg.format == "table" and cfg.annotations:
+        table = TableOptions(
+            annotations=Path(cfg.annotations),
+            queries=Path(cfg.queries) if cfg.queries else None,
+            box_format=cfg.box_format,
+            gallery_sizes=tuple(cfg.gallery_sizes),
+            seed=cfg.seed,
+        )
+    return run(Path(root), Path(out), fmt=cfg.format, table=table)
 
 
 def pretrain(manifests: Path, out: Path, params: Params, resume: bool = False) -> dict[str, Any]:

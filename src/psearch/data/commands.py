@@ -34,10 +34,11 @@ def add_commands(subparsers, common: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--format",
         dest="fmt",
-        choices=["cuhk-sysu", "prw"],
+        choices=["cuhk-sysu", "prw", "table"],
         default=None,
-        help="layout (default: ingest.format)",
+        help="layout (default: ingest.format); table: a CSV/Parquet of boxes (--annotations)",
     )
+    _add_table_options(p)
     p.add_argument("--root", required=True, type=Path, help="dataset root directory")
     p.add_argument(
         "--out", required=True, type=Path, metavar="MANIFESTS", help="manifests directory to write"
@@ -75,6 +76,7 @@ def _ingest(args: argparse.Namespace) -> int:
     cfg = load_params_from_args(args).ingest
     if args.fmt is not None:
         cfg = dataclasses.replace(cfg, format=args.fmt)
+    cfg = _table_options(args, cfg)
     info = stages.ingest(args.root, args.out, cfg)
     c = info["counts"]
     sizes = ", ".join("all" if g == -1 else str(g) for g in info["gallery_sizes"])
@@ -84,3 +86,59 @@ def _ingest(args: argparse.Namespace) -> int:
         f"{c['queries']} queries, galleries {sizes} [{info['name']}, {info['content_hash'][:19]}]"
     )
     return 0
+
+
+# --- format table (issue 17): options that fill the ingest section's table fields ---
+
+
+def _add_table_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--annotations",
+        metavar="FILE",
+        default=None,
+        help="format table: CSV or Parquet, one row per box (default: ingest.annotations)",
+    )
+    p.add_argument(
+        "--queries",
+        metavar="FILE",
+        default=None,
+        help="format table: a table of query boxes (default: ingest.queries, else one query "
+        "drawn per test identity per camera)",
+    )
+    p.add_argument(
+        "--box-format",
+        choices=["xyxy", "xywh"],
+        default=None,
+        help="format table: columns x1,y1,x2,y2 or x,y,w,h (default: ingest.box_format)",
+    )
+    p.add_argument(
+        "--gallery-sizes",
+        metavar="N,N,...",
+        default=None,
+        help="format table: gallery sizes besides the whole test set (default: "
+        "ingest.gallery_sizes)",
+    )
+
+
+def _table_options(args: argparse.Namespace, cfg):
+    import dataclasses
+
+    from psearch.errors import PsearchError
+
+    changes = {}
+    if args.annotations is not None:
+        changes["annotations"] = str(args.annotations)
+    if args.queries is not None:
+        changes["queries"] = str(args.queries)
+    if args.box_format is not None:
+        changes["box_format"] = args.box_format
+    if args.gallery_sizes is not None:
+        try:
+            changes["gallery_sizes"] = [int(v) for v in args.gallery_sizes.split(",") if v.strip()]
+        except ValueError:
+            raise PsearchError(
+                f"--gallery-sizes {args.gallery_sizes!r}: expected sizes like 50,100"
+            ) from None
+    if changes and cfg.format != "table":
+        raise PsearchError(f"--{next(iter(changes)).replace('_', '-')}: only for --format table")
+    return dataclasses.replace(cfg, **changes)
