@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "psearch.inference.commands",  # extract, extract-merge, report, search
     "psearch.evaluation.commands",  # evaluate
     "psearch.registry_commands",  # register, promote
+    "psearch.serving.commands",  # export
     "psearch.pipeline.commands",  # pipeline compile | run-local | submit | prepare
 ]
 
