@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # The installed marker is rebuilt only when the dependency set changes.
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench install clean images pipeline
+.PHONY: demo test lint docs bench install clean images pipeline
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -28,6 +28,11 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks components pipelines
 	$(BIN)/ruff format --check src tests benchmarks components pipelines
 
+# The documentation site (mkdocs.yml, docs/): --strict fails on a broken link or a page
+# missing from the nav. Browse it while editing with `.venv/bin/mkdocs serve`.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir build/site
+
 bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
@@ -35,9 +40,14 @@ bench: $(STAMP)
 # $PSEARCH_IMAGE_CPU / $PSEARCH_IMAGE_GPU). Needs Docker; push with `docker push` after.
 images: $(STAMP)
 	docker build -f docker/Dockerfile --build-arg PSEARCH_GIT_REV=$$(git rev-parse HEAD) \
-		-t $$($(BIN)/python -m psearch.pipeline.settings cpu) .
+		-t $$($(BIN)/python -m pipelines.settings cpu) .
 	docker build -f docker/Dockerfile.cuda --build-arg PSEARCH_GIT_REV=$$(git rev-parse HEAD) \
-		-t $$($(BIN)/python -m psearch.pipeline.settings gpu) .
+		-t $$($(BIN)/python -m pipelines.settings gpu) .
+
+# pipelines/person_search.yaml, the compiled Kubeflow pipeline that users submit (committed;
+# tests/test_pipeline_compile.py fails when it is stale).
+pipeline: $(STAMP)
+	$(BIN)/python -m pipelines compile
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

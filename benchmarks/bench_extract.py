@@ -71,7 +71,7 @@ def run_once(
     """One extraction in this process; returns its extraction.json plus peak memory."""
     import torch
 
-    from psearch.config import load_params
+    from psearch.config import load_params, to_dict
     from psearch.inference.extract import extract
     from psearch.models.io import save_model
     from psearch.models.joint import build_joint_net
@@ -90,7 +90,8 @@ def run_once(
         tmp = Path(tmp)
         manifests = write_gallery(tmp, images, *size)
         torch.manual_seed(0)
-        model = save_model(tmp / "model.pt", build_joint_net(params.model, params.train.loss, 10))
+        net = build_joint_net(10, loss=to_dict(params.train.loss), **to_dict(params.model))
+        model = save_model(tmp / "model.pt", net)
         if device == "cuda":  # warm up kernels and autotuning outside the timed run
             extract(manifests, str(model), tmp / "warmup", params)
             torch.cuda.reset_peak_memory_stats()

@@ -13,11 +13,12 @@ Usage: python benchmarks/bench_models.py [--threads 2] [--repeats 5] [--only bac
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import torch
 
-from psearch.config import LossConfig, ModelConfig
+from psearch.config import LossConfig
 from psearch.models.joint import build_joint_net
 from psearch.models.losses import build_reid_loss
 
@@ -43,7 +44,7 @@ def bench_backbones(repeats: int) -> None:
     boxes = [torch.tensor([[20.0 + 40 * i, 30.0, 60.0 + 40 * i, 200.0] for i in range(5)])]
     for kind in ("small", "resnet50", "vgg16"):
         torch.manual_seed(0)
-        net = build_joint_net(ModelConfig(backbone=kind), LossConfig(), 100).eval()
+        net = build_joint_net(100, backbone=kind).eval()
         params = sum(p.numel() for p in net.parameters()) / 1e6
         with torch.no_grad():
             detect = timed(lambda net=net: net(image), repeats)
@@ -63,7 +64,9 @@ def bench_losses(repeats: int) -> None:
         ("oim", LossConfig(reid_loss="oim", oim_queue_size=5000)),
     ):
         torch.manual_seed(0)
-        loss = build_reid_loss(cfg, CUHK_SYSU_IDENTITIES, 256).train()
+        loss = build_reid_loss(
+            **dataclasses.asdict(cfg), num_classes=CUHK_SYSU_IDENTITIES, feat_dim=256
+        ).train()
 
         def step(loss=loss):
             x = features.clone().requires_grad_(True)

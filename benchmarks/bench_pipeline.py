@@ -13,6 +13,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
+from pipelines.compile import compile_pipeline
+from pipelines.local import run_local
+from psearch.config import load_params
+
 REPO = Path(__file__).resolve().parents[1]
 QUICK = [
     "pretrain.epochs=1", "pretrain.max_steps=2", "pretrain.num_workers=0",
@@ -23,11 +29,6 @@ QUICK = [
 
 
 def bench_compile(repeats: int = 5) -> None:
-    import yaml
-
-    from psearch.config import load_params
-    from psearch.pipeline.compile import compile_pipeline
-
     params = load_params(REPO / "params.yaml")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "p.yaml"
@@ -44,9 +45,6 @@ def bench_compile(repeats: int = 5) -> None:
 
 
 def bench_run_local() -> None:
-    from psearch.config import load_params
-    from psearch.pipeline.local import run_local
-
     params = load_params(REPO / "params.yaml", QUICK)
     with tempfile.TemporaryDirectory() as tmp:
         start = time.time()

@@ -33,7 +33,7 @@ def measure(backbone: str, device: str, min_size: int, max_size: int, steps: int
     import torch
     from torch.utils.data import Dataset
 
-    from psearch.config import Params
+    from psearch.config import Params, to_dict
     from psearch.data.loaders import list_collate
     from psearch.models.joint import build_joint_net
     from psearch.train.engine import Engine
@@ -67,7 +67,7 @@ def measure(backbone: str, device: str, min_size: int, max_size: int, steps: int
     cfg.device, cfg.num_workers, cfg.amp = device, 0, "bf16"
     cfg.max_steps = WARMUP_STEPS + steps
     torch.manual_seed(0)
-    model = build_joint_net(params.model, cfg.loss, num_classes=50)
+    model = build_joint_net(50, loss=to_dict(cfg.loss), **to_dict(params.model))
     scenes = RandomScenes(2 * (WARMUP_STEPS + steps), min_size * 4 // 3, min_size)
     engine = Engine(model, scenes, forward_scenes, cfg, None, "bench", list_collate, progress=False)
     cfg.max_steps = WARMUP_STEPS

@@ -1,17 +1,22 @@
 """Kubeflow Pipelines v2 components: one module per psearch stage.
 
 Each module holds a typed lightweight Python component function (KFP artifacts
-in, KFP artifacts out) whose body imports psearch inside the function and calls
-the same `psearch.stages` function as the CLI and DVC, and names the kind of
-image it runs on (IMAGE = "cpu" or "gpu"). `build_components` turns them into
-KFP components on the images of the given settings: the image names come from
-one place, psearch.pipeline.settings. kfp and psearch are both installed in
-those images, hence `install_kfp_package=False`; the same component runs under
+in, KFP artifacts out) whose body calls the same `psearch.stages` function as
+the CLI and DVC, with the shared steps from components.runtime, and names the
+kind of image it runs on (IMAGE = "cpu" or "gpu"). KFP ships only a function's
+source to the pod, so each body imports what it uses inside the function; the
+images install psearch and these packages (and kfp, hence
+`install_kfp_package=False`), and the same component runs under
 `kfp.local.SubprocessRunner(use_venv=False)` on a workstation.
+
+`build_components` turns them into KFP components on the images it is given;
+the DAG (pipelines/person_search.py) passes them from pipelines.settings, the
+one place image names come from. This package never imports `pipelines`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from types import ModuleType, SimpleNamespace
 
 from kfp import dsl
@@ -28,7 +33,6 @@ from components import (
     tracking,
     train,
 )
-from psearch.pipeline.settings import PipelineSettings
 
 # Stage name -> module; the stage name is also the key of its resources in the settings.
 MODULES: dict[str, ModuleType] = {
@@ -45,14 +49,14 @@ MODULES: dict[str, ModuleType] = {
 }
 
 
-def build_components(settings: PipelineSettings) -> SimpleNamespace:
-    """Every stage as a KFP component on the image its kind names in `settings`."""
+def build_components(images: Mapping[str, str]) -> SimpleNamespace:
+    """Every stage as a KFP component on `images[kind]`, its kind being "cpu" or "gpu"."""
     built = {}
     for stage, module in MODULES.items():
         func = getattr(module, stage)
         built[stage] = dsl.component(
             func,
-            base_image=settings.image(module.IMAGE),
+            base_image=images[module.IMAGE],
             install_kfp_package=False,
         )
     return SimpleNamespace(**built)

@@ -15,10 +15,11 @@ def evaluate(
     """Write metrics.json, per-query results and plots to `report`; log every metric
     (flattened, e.g. search.gallery_100.mAP) to `metrics`; return the value of the
     metric that decides promotion (register.metric)."""
+    # Imports inside the body: KFP runs only this function's source in the pod.
     from pathlib import Path
 
+    from components.runtime import decision_metric, stage_params, summary_line
     from psearch import stages
-    from psearch.pipeline.runtime import decision_metric, stage_params, summary_line
     from psearch.registry import read_metrics
 
     cfg = stage_params(params_json)

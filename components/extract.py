@@ -14,10 +14,11 @@ def extract(
     detections: Output[Dataset],
 ):
     """Run the trained model over shard `shard_index` of `shard_count` of the test images."""
+    # Imports inside the body: KFP runs only this function's source in the pod.
     from pathlib import Path
 
+    from components.runtime import stage_params, summary_line
     from psearch import stages
-    from psearch.pipeline.runtime import stage_params, summary_line
 
     cfg = stage_params(params_json)
     summary = stages.extract(

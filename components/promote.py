@@ -5,8 +5,9 @@ IMAGE = "cpu"
 
 def promote(params_json: str, version: str) -> str:
     """Promote `version` (it beat the champion at registration); return the decision line."""
+    # Imports inside the body: KFP runs only this function's source in the pod.
+    from components.runtime import stage_params, summary_line
     from psearch import stages
-    from psearch.pipeline.runtime import stage_params, summary_line
 
     cfg = stage_params(params_json)
     summary = stages.promote(cfg, version=version)

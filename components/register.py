@@ -17,10 +17,11 @@ def register(
     One plain output rather than (version, beats) because kfp.local cannot resolve a
     condition on one field of a NamedTuple output.
     """
+    # Imports inside the body: KFP runs only this function's source in the pod.
     from pathlib import Path
 
+    from components.runtime import beats_champion, stage_params, summary_line
     from psearch import stages
-    from psearch.pipeline.runtime import beats_champion, stage_params, summary_line
 
     cfg = stage_params(params_json, pipeline_run_id)
     summary = stages.register(Path(model.path), Path(report.path) / "metrics.json", cfg)

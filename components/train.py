@@ -13,10 +13,11 @@ def train(
     model: Output[Model],
 ):
     """Train the joint network; `model` receives model.pt and run.json (its MLflow run)."""
+    # Imports inside the body: KFP runs only this function's source in the pod.
     from pathlib import Path
 
+    from components.runtime import stage_params, summary_line
     from psearch import stages
-    from psearch.pipeline.runtime import stage_params, summary_line
 
     cfg = stage_params(params_json, pipeline_run_id)
     summary = stages.train(Path(manifests.path), Path(model.path), cfg, init=Path(idnet.path))

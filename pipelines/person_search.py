@@ -14,21 +14,18 @@ Pipeline parameters (defaults taken from params.yaml when compiled):
 
 Compile-time settings (the `pipeline` section: images, resources, PVC, Secret, GPU
 placement, number of extraction shards) shape the DAG itself; see
-psearch.pipeline.settings. `build_pipeline` returns the @dsl.pipeline function;
-`psearch pipeline compile` writes it to pipelines/person_search.yaml.
+pipelines.settings. `build_pipeline` returns the @dsl.pipeline function;
+`psearch pipeline compile` (pipelines.compile) writes it to pipelines/person_search.yaml.
 
 Only kfp-kubernetes and resource settings are cluster-specific; kfp.local ignores
 them without error (checked in tests/test_pipeline_local.py), so `psearch pipeline
 run-local` runs this very DAG, passing a local dataset_root instead of the PVC.
 """
 
-import json
-from typing import Any
-
 from kfp import dsl, kubernetes
 
 from components import build_components
-from psearch.pipeline.settings import PipelineSettings
+from pipelines.settings import PipelineSettings
 
 
 def _resources(task: dsl.PipelineTask, stage: str, settings: PipelineSettings) -> None:
@@ -83,10 +80,10 @@ def _configure(
     return task
 
 
-def build_pipeline(params_tree: dict[str, Any], settings: PipelineSettings):
-    """The pipeline function, with `params_tree` (params.yaml minus `pipeline`) as defaults."""
-    c = build_components(settings)
-    default_params = json.dumps(params_tree, sort_keys=True)
+def build_pipeline(default_params: str, settings: PipelineSettings):
+    """The pipeline function, with `default_params` (components.runtime.params_json: the
+    params minus the `pipeline` section) as the default of its params_json parameter."""
+    c = build_components(settings.images())
     shards = list(range(settings.extract_shards))
 
     def person_search(

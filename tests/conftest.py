@@ -17,7 +17,7 @@ os.environ.setdefault("DVC_NO_VERSION_CHECK", "1")
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory) -> Path:
     """Root of `psearch synth --preset tiny --seed 0` (CUHK-SYSU layout). Treat as read-only."""
-    from psearch.data.synthetic import synthesize
+    from psearch.synth import synthesize
 
     root = tmp_path_factory.mktemp("tiny_dataset") / "cuhk_sysu"
     synthesize(root, preset="tiny", seed=0)
@@ -143,6 +143,7 @@ def random_models(tmp_path_factory, inference_params) -> dict[str, Path]:
     """{'joint': model.pt, 'idnet': idnet.pt}: seeded random-init models for inference_params."""
     import torch
 
+    from psearch.config import to_dict
     from psearch.models.idnet import build_idnet
     from psearch.models.io import save_model
     from psearch.models.joint import build_joint_net
@@ -150,10 +151,11 @@ def random_models(tmp_path_factory, inference_params) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("models")
     params = inference_params
     torch.manual_seed(0)
-    joint = save_model(out / "model.pt", build_joint_net(params.model, params.train.loss, 3))
+    settings = {"loss": to_dict(params.train.loss), **to_dict(params.model)}
+    joint = save_model(out / "model.pt", build_joint_net(3, **settings))
     idnet = save_model(
         out / "idnet.pt",
-        build_idnet(params.model, params.train.loss, 3),
+        build_idnet(3, **settings),
         meta={"crop_height": 64, "crop_width": 32},
     )
     return {"joint": joint, "idnet": idnet}

@@ -1,6 +1,6 @@
 """A plain, loop-by-loop evaluator to check psearch.evaluation against (and to benchmark).
 
-It follows CONTRACT.md and the field's reference evaluator (SeqNet's
+It follows docs/contract.md and the field's reference evaluator (SeqNet's
 eval_search_cuhk / eval_search_prw / eval_detection) literally: per query, per
 gallery image, per candidate, with scikit-learn's average_precision_score.
 It shares no code with the vectorised evaluator. Two documented choices:

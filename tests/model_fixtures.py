@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from psearch.config import ModelConfig
+from psearch.models.joint import build_joint_net
 
 NUM_CLASSES = 6
 
 
-def tiny_cfg(**overrides) -> ModelConfig:
+def tiny_settings(**overrides) -> dict[str, Any]:
+    """Keyword arguments of a small, fast JointNet (IDNet's builder takes them too)."""
     settings = dict(
         min_size=128,
         max_size=160,
@@ -22,7 +25,7 @@ def tiny_cfg(**overrides) -> ModelConfig:
         head_dim=64,
     )
     settings.update(overrides)
-    return ModelConfig(**settings)
+    return settings
 
 
 def synthetic_batch(seed: int = 0):
@@ -45,3 +48,28 @@ def synthetic_batch(seed: int = 0):
             image[:, y1:y2, x1:x2] = torch.tensor(colours[label]).view(3, 1, 1)
     targets = [{"boxes": b, "labels": lab} for b, lab in zip(boxes, labels, strict=True)]
     return images, targets
+
+
+def trained_joint():
+    """A small JointNet (OIM loss) after one training forward: OIM buffers and batch-norm
+    statistics are filled, so its outputs depend on its inputs."""
+    torch.manual_seed(0)
+    loss = {"reid_loss": "oim", "oim_queue_size": 8}
+    net = build_joint_net(NUM_CLASSES, loss=loss, **tiny_settings())
+    images, targets = synthetic_batch()
+    net.train()(images, targets)
+    return net.eval()
+
+
+def assert_same_outputs(a, b) -> None:
+    """Two JointNets give bit-identical detections and query features."""
+    images, targets = synthetic_batch()
+    with torch.no_grad():
+        for da, db in zip(a(images), b(images), strict=True):
+            for key in ("boxes", "scores", "features"):
+                assert torch.equal(da[key], db[key]), key
+    boxes = [t["boxes"] for t in targets]
+    for fa, fb in zip(
+        a.query_features(images, boxes), b.query_features(images, boxes), strict=True
+    ):
+        assert torch.equal(fa, fb)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from psearch.atomic import atomic_dir, atomic_file
+from psearch.cli import build_parser
 from psearch.config import Params, flatten, load_params
 from psearch.errors import PsearchError
 
@@ -139,6 +140,23 @@ def test_every_command_has_help():
         result = _psearch(command, "--help")
         assert result.returncode == 0, (command, result.stderr)
         assert "usage: psearch" in result.stdout
+
+
+def test_every_command_has_a_summary_and_a_description():
+    """Each handler's docstring gives both: a summary paragraph, a blank line, the rest."""
+    subparsers = next(a for a in build_parser()._actions if a.dest == "command")
+    listed = {choice.dest: choice.help for choice in subparsers._choices_actions}
+    for name, parser in subparsers.choices.items():
+        assert listed[name] and parser.description, name
+
+
+def test_pipeline_forwards_its_arguments_and_exit_status(tmp_path: Path):
+    """`psearch pipeline ACTION ARGS` runs `python -m pipelines ACTION ARGS`: options first too."""
+    missing = tmp_path / "missing.yaml"
+    result = _psearch("pipeline", "compile", "--params", str(missing), "--out", str(tmp_path / "p"))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == f"error: {missing}: params file not found"
+    assert not (tmp_path / "p").exists()
 
 
 def test_bad_set_is_a_one_line_error_before_any_work(tmp_path: Path):

@@ -1,4 +1,4 @@
-"""IDNet crops with context (psearch.data.crops): geometry, pixels, fill outside the image."""
+"""IDNet crops with context (psearch.imaging): geometry, pixels, fill outside the image."""
 
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from psearch.data.crops import crop_size, cut_crops, inner_box
-from psearch.models.backbones import IMAGE_MEAN
+from psearch.imaging import IMAGE_MEAN, crop_size, cut_crops, inner_box
 
 
 def scene() -> torch.Tensor:

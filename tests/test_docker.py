@@ -121,8 +121,10 @@ def test_dockerignore_keeps_only_what_the_images_need():
         for line in (REPO / ".dockerignore").read_text().splitlines()
         if line.strip() and not line.startswith("#")
     ]
-    for needed in ("pyproject.toml", "constraints.txt", "README.md", "src/psearch/stages.py"):
+    for needed in ("pyproject.toml", "constraints.txt", "README.md", "src/psearch/stages.py",
+                   "components/runtime.py", "pipelines/cli.py"):  # fmt: skip
         assert not _ignored(needed, patterns), needed
     for private in (".env", "mlflow.db", "mlruns/0/meta.yaml", ".venv/bin/python", "data/raw/x.jpg",
-                    ".git/config", "pipeline-local/mlflow.db", "src/psearch/__pycache__/x.pyc"):  # fmt: skip
+                    ".git/config", "pipeline-local/mlflow.db", "src/psearch/__pycache__/x.pyc",
+                    "components/__pycache__/x.pyc"):  # fmt: skip
         assert _ignored(private, patterns), private

@@ -121,15 +121,8 @@ def test_whole_set_cross_camera_matches_reference(tmp_path):
         "top10": 0.0,
         "queries": 0,
     }
-    expected = reference_search(
-        manifests.images,
-        manifests.queries,
-        manifests.galleries,
-        dets,
-        qfeats,
-        -1,
-        cross_camera=True,
-    )
+    tables = (manifests.images, manifests.queries, manifests.galleries)
+    expected = reference_search(*tables, dets, qfeats, -1, cross_camera=True)
     assert metrics["search"]["gallery_-1"]["queries"] == len(expected)
     assert metrics["search"]["gallery_-1"]["mAP"] == pytest.approx(
         np.mean([e[0] for e in expected.values()]), abs=1e-9

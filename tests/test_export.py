@@ -100,7 +100,7 @@ def test_cli_export_and_bad_input(random_models, tmp_path, capsys):
 def test_export_logged_to_the_model_run(random_models, tmp_path, monkeypatch, capsys):
     import mlflow
 
-    from psearch.models.io import log_model
+    from psearch.serving.pyfunc import log_model
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)

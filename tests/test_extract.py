@@ -263,7 +263,7 @@ def test_gt_boxes_reproduce_the_annotations(scene_manifests, random_models, tmp_
 
 
 def test_idnet_features_on_detected_boxes(single_run, scene_manifests, random_models, tmp_path):
-    from psearch.data.crops import cut_crops
+    from psearch.imaging import cut_crops
     from psearch.models.io import load_model
 
     out = tmp_path / "dets"

@@ -11,7 +11,7 @@ import pytest
 from psearch.cli import main
 from psearch.data.manifest import MANIFEST_SCHEMAS, read_manifests
 from psearch.data.records import low_resolution_mask
-from psearch.data.synth_plan import low_resolution_queries, plan_dataset
+from psearch.synth.plan import low_resolution_queries, plan_dataset
 from psearch.tracking import data_version
 
 

@@ -243,7 +243,7 @@ def test_fast_protocol_reader_equals_loadmat(tmp_path, box_dtype, empty_shape, b
 
 def test_fast_protocol_reader_reads_uint16_chars_and_names_unknown_images(tmp_path):
     from psearch.data import matfast
-    from psearch.data import matwriter as mw
+    from psearch.synth import matwriter as mw
 
     def char16(text):  # MATLAB's own char encoding (scipy writes UTF-8)
         return mw._matrix(mw.MX_CHAR, (1, len(text)), mw._element(4, text.encode("utf-16-le")))

@@ -12,7 +12,7 @@ import scipy.io as sio
 from psearch.cli import main
 from psearch.data.ingest import ingest
 from psearch.data.manifest import read_manifests
-from psearch.data.synth_plan import plan_dataset
+from psearch.synth.plan import plan_dataset
 
 
 def _frame(i: int) -> str:

@@ -9,21 +9,25 @@ import pyarrow as pa
 import pytest
 import torch
 from PIL import Image
-from torchvision.ops import box_iou
+from torchvision.ops import box_iou, roi_align
 
+from psearch.data import loaders
 from psearch.data.loaders import (
     BACKGROUND_MAX_IOU,
     CropDataset,
     EpochSampler,
     SceneDataset,
     TestImageDataset,
+    dataset_root,
     hflip_boxes,
     list_collate,
     make_loader,
     num_train_identities,
+    read_image,
 )
 from psearch.data.manifest import MANIFEST_SCHEMAS, read_manifests, write_parquet
 from psearch.errors import PsearchError
+from psearch.imaging import IMAGE_MEAN, crop_size
 
 W, H = 64, 48
 
@@ -150,6 +154,61 @@ def test_crop_dataset_is_deterministic_for_a_seed(small_manifests):
     c = CropDataset(small_manifests, 3, 32, 16, seed=2)
     assert np.array_equal(a.boxes, b.boxes)
     assert not np.array_equal(a.boxes, c.boxes)
+
+
+def noisy_scenes(manifests) -> None:
+    """Replace the fixture's flat scenes with noise, so crops differ wherever sampling does."""
+    rng = np.random.default_rng(0)
+    for path in sorted((dataset_root(manifests) / "Image").glob("*.png")):
+        Image.fromarray(rng.integers(0, 256, (H, W, 3), dtype=np.uint8)).save(path)
+
+
+def whole_scene_crop(ds: CropDataset, epoch: int, index: int) -> torch.Tensor:
+    """A crop cut as pretraining cut it before batch fetching: from the whole scene in float."""
+    path = ds.records[ds.image_index[index]].path
+    scene = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
+    box = torch.from_numpy(ds.boxes[index]).view(1, 4)
+    centre = (box[:, :2] + box[:, 2:]) / 2
+    half = (box[:, 2:] - box[:, :2]).clamp(min=1.0) * (ds.context / 2)
+    fill = torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1)
+    regions = torch.cat([centre - half, centre + half], dim=1)
+    shifted = scene[None].float() / 255 - fill
+    size = crop_size(ds.size, ds.context)
+    crop = (roi_align(shifted, [regions], size, 1.0, aligned=True) + fill).clamp(0, 1)[0]
+    flip = np.random.default_rng([ds.seed, epoch, index]).random() < ds.hflip
+    return crop.flip(-1) if flip else crop
+
+
+def test_crop_batches_are_the_whole_scene_crops_in_sampler_order(small_manifests):
+    noisy_scenes(small_manifests)
+    ds = CropDataset(small_manifests, 3, 32, 16, background_ratio=3.0, seed=4, context=1.5)
+    sampler = EpochSampler(ds, shuffle=True, seed=4)
+    sampler.set_position(3, 0)
+    keys = list(sampler)
+    batch = ds.__getitems__(keys)
+    assert len(batch) == len(keys) == len(ds)
+    for (epoch, index), (crop, label) in zip(keys, batch, strict=True):
+        assert int(label) == ds.labels[index]
+        torch.testing.assert_close(crop, whole_scene_crop(ds, epoch, index), atol=1e-5, rtol=0)
+        assert torch.equal(crop, ds[(epoch, index)][0])  # one item alone: the same pixels
+
+
+def test_a_crop_batch_decodes_each_scene_once(small_manifests, monkeypatch):
+    ds = CropDataset(small_manifests, 3, 32, 16, background_ratio=3.0)
+    decoded = []
+
+    def counting_read(path):
+        decoded.append(path)
+        return read_image(path)
+
+    monkeypatch.setattr(loaders, "read_image", counting_read)
+    sampler = EpochSampler(ds, shuffle=True, seed=0)
+    loader = make_loader(ds, sampler, batch_size=len(ds), num_workers=0, seed=0)
+    crops, labels = next(iter(loader))  # the DataLoader fetches the batch with __getitems__
+    assert crops.shape == (len(ds), 3, 32, 16)
+    assert len(decoded) == len(set(decoded)) == len(ds.records) < len(ds)
+    keys = list(sampler)
+    assert torch.equal(labels, torch.as_tensor(ds.labels[[i for _, i in keys]]))
 
 
 def test_test_image_dataset_lists_test_images(small_manifests):

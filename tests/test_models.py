@@ -2,28 +2,32 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
-from model_fixtures import NUM_CLASSES, synthetic_batch, tiny_cfg
+from model_fixtures import NUM_CLASSES, synthetic_batch, tiny_settings
 from torchvision import models
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from psearch.config import LossConfig
+from psearch.config import LossConfig, ModelConfig
 from psearch.errors import PsearchError
 from psearch.models.backbones import build_backbone
-from psearch.models.joint import JointNet, build_joint_net
+from psearch.models.joint import INFERENCE_SETTINGS, JointNet, build_joint_net
+
+RSS4 = {"reid_loss": "rss", "rss_k": 4}
 
 
 @pytest.fixture(scope="module")
 def net() -> JointNet:
     torch.manual_seed(0)
-    return build_joint_net(tiny_cfg(), LossConfig(rss_k=4), NUM_CLASSES)
+    return build_joint_net(NUM_CLASSES, loss=RSS4, **tiny_settings())
 
 
 def test_attributes(net):
     assert net.num_classes == NUM_CLASSES
     assert net.feat_dim == 32
-    assert net.cfg.backbone == "small" and net.loss_cfg.rss_k == 4
+    assert net.model_settings["backbone"] == "small" and net.loss_settings["rss_k"] == 4
     assert net.rpn.head.conv.out_channels == 512
     assert net.rpn.anchor_generator.num_anchors_per_location() == [9]
 
@@ -57,10 +61,10 @@ def test_eval_mode_detections(net):
     for image, det in zip(images, detections, strict=True):
         assert set(det) == {"boxes", "scores", "features"}
         k = len(det["scores"])
-        assert 0 < k <= net.cfg.detections_per_img
+        assert 0 < k <= net.detections_per_img
         assert det["boxes"].shape == (k, 4) and det["features"].shape == (k, 32)
         assert all(v.dtype == torch.float32 for v in det.values())
-        assert ((det["scores"] >= net.cfg.box_score_thresh) & (det["scores"] <= 1)).all()
+        assert ((det["scores"] >= net.box_score_thresh) & (det["scores"] <= 1)).all()
         torch.testing.assert_close(det["features"].norm(dim=1), torch.ones(k))
         # boxes are in the input image's pixels, not the resized ones
         height, width = image.shape[-2:]
@@ -72,11 +76,11 @@ def test_eval_mode_detections(net):
 
 def test_eval_mode_respects_detection_cap_and_threshold():
     torch.manual_seed(0)
-    net = build_joint_net(tiny_cfg(detections_per_img=3), LossConfig(), NUM_CLASSES).eval()
+    net = build_joint_net(NUM_CLASSES, **tiny_settings(detections_per_img=3)).eval()
     images, _ = synthetic_batch()
     with torch.no_grad():
         assert all(len(d["boxes"]) <= 3 for d in net(images))
-    net.cfg.box_score_thresh = 1.01  # nothing can pass: empty but well-shaped outputs
+    net.box_score_thresh = 1.01  # nothing can pass: empty but well-shaped outputs
     with torch.no_grad():
         det = net(images)[0]
     assert det["boxes"].shape == (0, 4) and det["features"].shape == (0, 32)
@@ -113,7 +117,7 @@ def test_reid_loss_does_not_reach_the_proposal_network(net):
 @pytest.mark.parametrize("loss", ["rss", "softmax", "oim"])
 def test_every_roi_op_and_loss_trains_and_detects(roi_op, loss):
     torch.manual_seed(0)
-    net = build_joint_net(tiny_cfg(roi_op=roi_op), LossConfig(reid_loss=loss), NUM_CLASSES)
+    net = build_joint_net(NUM_CLASSES, loss={"reid_loss": loss}, **tiny_settings(roi_op=roi_op))
     images, targets = synthetic_batch()
     out = net.train()(images, targets)
     sum(v for k, v in out.items() if k.startswith("loss_")).backward()
@@ -125,7 +129,7 @@ def test_every_roi_op_and_loss_trains_and_detects(roi_op, loss):
 def test_bf16_autocast_train_and_eval(roi_op):
     # The trainer's default amp mode; CPU RoI kernels have no bf16 version.
     torch.manual_seed(0)
-    net = build_joint_net(tiny_cfg(roi_op=roi_op), LossConfig(), NUM_CLASSES)
+    net = build_joint_net(NUM_CLASSES, **tiny_settings(roi_op=roi_op))
     images, targets = synthetic_batch()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = net.train()(images, targets)
@@ -140,8 +144,8 @@ def test_bf16_autocast_train_and_eval(roi_op):
 @pytest.mark.parametrize("kind, channels, width", [("vgg16", 512, 4096), ("resnet50", 1024, 2048)])
 def test_paper_backbones_build_and_run(kind, channels, width):
     torch.manual_seed(0)
-    cfg = tiny_cfg(backbone=kind, min_size=64, max_size=96, roi_batch_size_per_image=8)
-    net = build_joint_net(cfg, LossConfig(), NUM_CLASSES)
+    settings = tiny_settings(backbone=kind, min_size=64, max_size=96, roi_batch_size_per_image=8)
+    net = build_joint_net(NUM_CLASSES, **settings)
     assert net.backbone.out_channels == channels and net.roi_head.out_features == width
     trunk_out = net.backbone(torch.rand(1, 3, 64, 96))
     assert trunk_out.shape == (1, channels, 4, 6)  # stride 16
@@ -154,7 +158,7 @@ def test_paper_backbones_build_and_run(kind, channels, width):
 
 
 def test_small_backbone_shapes():
-    trunk, head = build_backbone(tiny_cfg())
+    trunk, head = build_backbone(head_dim=64)
     feature_map = trunk(torch.rand(2, 3, 96, 64))
     assert feature_map.shape == (2, trunk.out_channels, 6, 4)
     assert head(torch.rand(5, trunk.out_channels, 7, 7)).shape == (5, head.out_features)
@@ -166,14 +170,14 @@ def test_backbone_weights_from_a_local_file(tmp_path):
     reference = models.mobilenet_v3_large()
     path = tmp_path / "mnv3.pth"
     torch.save(reference.state_dict(), path)
-    trunk, _ = build_backbone(tiny_cfg(backbone_weights=str(path)))
+    trunk, _ = build_backbone(backbone_weights=str(path))
     torch.testing.assert_close(
         trunk.body[5].block[0][0].weight, reference.features[5].block[0][0].weight
     )
     assert any(isinstance(m, FrozenBatchNorm2d) for m in trunk.modules())
     assert not trunk.body[0][0].weight.requires_grad  # the stem stays fixed
     # load_weights=False: same architecture (frozen norms), random values, file untouched
-    bare, _ = build_backbone(tiny_cfg(backbone_weights=str(path)), load_weights=False)
+    bare, _ = build_backbone(backbone_weights=str(path), load_weights=False)
     assert [type(m) for m in bare.modules()] == [type(m) for m in trunk.modules()]
 
 
@@ -186,13 +190,68 @@ def test_bad_backbone_weights_are_user_errors(tmp_path, weights, fragment):
         weights = str(tmp_path / "resnet18.pth")
         torch.save(models.resnet18().state_dict(), weights)
     with pytest.raises(PsearchError, match=fragment):
-        build_backbone(tiny_cfg(backbone_weights=weights))
+        build_backbone(backbone_weights=weights)
+
+
+def test_network_defaults_are_the_params_defaults():
+    # A model file stores the network's keyword arguments; a missing one takes the default,
+    # which must be what the params would have said.
+    torch.manual_seed(0)
+    net = JointNet(NUM_CLASSES)
+    assert net.model_settings == dataclasses.asdict(ModelConfig())
+    torch.manual_seed(0)
+    from_params = build_joint_net(
+        NUM_CLASSES, loss=dataclasses.asdict(LossConfig()), **dataclasses.asdict(ModelConfig())
+    )
+    assert from_params.loss_settings == dataclasses.asdict(LossConfig())
+    expected = net.state_dict()
+    assert list(from_params.state_dict()) == list(expected)
+    assert all(torch.equal(v, expected[k]) for k, v in from_params.state_dict().items())
+
+
+def test_inference_settings_are_attributes_of_a_built_net():
+    changed = {
+        "min_size": 96,
+        "max_size": 128,
+        "rpn_pre_nms_top_n_test": 50,
+        "rpn_post_nms_top_n_test": 12,
+        "rpn_nms_thresh": 0.5,
+        "box_score_thresh": 0.2,
+        "box_nms_thresh": 0.3,
+        "detections_per_img": 4,
+    }
+    assert set(changed) == set(INFERENCE_SETTINGS)
+    torch.manual_seed(0)
+    built = build_joint_net(NUM_CLASSES, **tiny_settings(**changed)).eval()
+    torch.manual_seed(0)
+    net = build_joint_net(NUM_CLASSES, **tiny_settings()).eval()
+    images, _ = synthetic_batch()
+    with torch.no_grad():
+        before = net(images)
+        net.set_inference_settings(**changed)
+        after, expected = net(images), built(images)
+    assert net.model_settings == built.model_settings
+    assert [len(d["boxes"]) for d in before] != [len(d["boxes"]) for d in after]
+    for got, want in zip(after, expected, strict=True):
+        for key in ("boxes", "scores", "features"):
+            assert torch.equal(got[key], want[key]), key
+    with pytest.raises(TypeError, match="'anchor_sizes' is not an inference setting"):
+        net.set_inference_settings(anchor_sizes=[8])
+
+
+@pytest.mark.parametrize(
+    "settings, fragment",
+    [({"backbone": "alexnet"}, "model.backbone: unknown"), ({"roi_op": "crop"}, "model.roi_op")],
+)
+def test_unknown_backbone_or_roi_op_is_an_error(settings, fragment):
+    with pytest.raises(PsearchError, match=fragment):
+        build_joint_net(NUM_CLASSES, **tiny_settings(**settings))
 
 
 @pytest.mark.slow
 def test_a_few_optimiser_steps_lower_the_loss():
     torch.manual_seed(0)
-    net = build_joint_net(tiny_cfg(), LossConfig(rss_k=4), NUM_CLASSES).train()
+    net = build_joint_net(NUM_CLASSES, loss=RSS4, **tiny_settings()).train()
     images, targets = synthetic_batch()
     optimiser = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
     totals = []

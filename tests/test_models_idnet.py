@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from model_fixtures import NUM_CLASSES, tiny_cfg
+from model_fixtures import NUM_CLASSES, tiny_settings
 
-from psearch.config import LossConfig
 from psearch.errors import PsearchError
-from psearch.models.idnet import build_idnet, transfer_idnet_weights
-from psearch.models.io import checkpoint_dict
-from psearch.models.joint import build_joint_net
+from psearch.models.idnet import IDNet, build_idnet, transfer_idnet_weights
+from psearch.models.io import checkpoint_dict, load_model, save_model
+from psearch.models.joint import DETECTOR_SETTINGS, build_joint_net
 
 
 def crops(batch: int = 4) -> torch.Tensor:
@@ -19,7 +18,8 @@ def crops(batch: int = 4) -> torch.Tensor:
 
 def test_idnet_train_outputs_and_features():
     torch.manual_seed(0)
-    idnet = build_idnet(tiny_cfg(), LossConfig(rss_k=4), NUM_CLASSES).train()
+    idnet = build_idnet(NUM_CLASSES, loss={"reid_loss": "rss", "rss_k": 4}, **tiny_settings())
+    idnet.train()
     out = idnet(crops(), torch.tensor([0, 3, NUM_CLASSES, -1]))
     assert set(out) == {"loss_reid", "acc_reid"}
     assert out["loss_reid"].shape == () and out["loss_reid"].requires_grad
@@ -33,7 +33,7 @@ def test_idnet_train_outputs_and_features():
 
 def test_idnet_learns_to_tell_two_identities_apart():
     torch.manual_seed(0)
-    idnet = build_idnet(tiny_cfg(), LossConfig(reid_loss="softmax"), 2).train()
+    idnet = build_idnet(2, loss={"reid_loss": "softmax"}, **tiny_settings()).train()
     batch = torch.zeros(8, 3, 96, 48)
     batch[:4, 0] = 1.0  # identity 0 is red, identity 1 is blue
     batch[4:, 2] = 1.0
@@ -50,9 +50,9 @@ def test_idnet_learns_to_tell_two_identities_apart():
 
 def test_transfer_copies_trunk_head_embedding_and_classifier():
     torch.manual_seed(0)
-    idnet = build_idnet(tiny_cfg(), LossConfig(), NUM_CLASSES, context=2.0)
+    idnet = build_idnet(NUM_CLASSES, context=2.0, **tiny_settings())
     torch.manual_seed(1)
-    joint = build_joint_net(tiny_cfg(), LossConfig(), NUM_CLASSES)
+    joint = build_joint_net(NUM_CLASSES, **tiny_settings())
     rpn_before = {k: v.clone() for k, v in joint.rpn.state_dict().items()}
     copied = transfer_idnet_weights(joint, idnet.state_dict())
     assert any(k.startswith("backbone.") for k in copied)
@@ -76,26 +76,46 @@ def test_transfer_copies_trunk_head_embedding_and_classifier():
 
 
 def test_idnet_context_is_saved_with_the_model(tmp_path):
-    from psearch.models.io import load_model, save_model
-
-    path = save_model(tmp_path / "idnet.pt", build_idnet(tiny_cfg(), LossConfig(), 3, 1.5))
+    path = save_model(tmp_path / "idnet.pt", build_idnet(3, context=1.5, **tiny_settings()))
     assert load_model(path)[0].context == 1.5
 
 
+def test_the_idnet_builder_leaves_out_the_detector_settings(tmp_path):
+    # One set of model settings builds both networks; IDNet keeps only its own, and a file
+    # holding the detector settings too (as IDNet files once did) still loads.
+    idnet = build_idnet(3, **tiny_settings(backbone_weights=None))
+    assert set(idnet.model_settings) == {
+        "backbone",
+        "backbone_weights",
+        "feat_dim",
+        "roi_op",
+        "roi_size",
+        "head_dim",
+    }
+    assert not set(idnet.model_settings) & set(DETECTOR_SETTINGS)
+    with pytest.raises(TypeError, match="anchor_sizes"):
+        IDNet(3, anchor_sizes=[8])
+    checkpoint = checkpoint_dict(idnet)
+    checkpoint["model_config"].update(anchor_sizes=[16, 32], box_score_thresh=0.5)
+    torch.save(checkpoint, tmp_path / "idnet.pt")
+    loaded, _ = load_model(tmp_path / "idnet.pt")
+    assert isinstance(loaded, IDNet) and loaded.model_settings == idnet.model_settings
+
+
 def test_transfer_accepts_a_saved_checkpoint_and_skips_another_loss_kind():
-    idnet = build_idnet(tiny_cfg(), LossConfig(reid_loss="rss"), NUM_CLASSES)
-    joint = build_joint_net(tiny_cfg(), LossConfig(reid_loss="oim"), NUM_CLASSES)
+    idnet = build_idnet(NUM_CLASSES, loss={"reid_loss": "rss"}, **tiny_settings())
+    joint = build_joint_net(NUM_CLASSES, loss={"reid_loss": "oim"}, **tiny_settings())
     copied = transfer_idnet_weights(joint, checkpoint_dict(idnet, {"epoch": 1}))
     assert not any(k.startswith("reid_loss.") for k in copied)
     assert torch.equal(joint.embedding.weight, idnet.embedding.weight)
 
 
 def test_transfer_refuses_a_different_architecture():
-    idnet = build_idnet(tiny_cfg(head_dim=32), LossConfig(), NUM_CLASSES)
-    joint = build_joint_net(tiny_cfg(head_dim=64), LossConfig(), NUM_CLASSES)
+    idnet = build_idnet(NUM_CLASSES, **tiny_settings(head_dim=32))
+    joint = build_joint_net(NUM_CLASSES, **tiny_settings(head_dim=64))
     with pytest.raises(PsearchError, match=r"roi_head\.fc6\.weight is \(32, "):
         transfer_idnet_weights(joint, idnet.state_dict())
-    other = build_idnet(tiny_cfg(backbone="resnet50"), LossConfig(), NUM_CLASSES)
+    other = build_idnet(NUM_CLASSES, **tiny_settings(backbone="resnet50"))
     with pytest.raises(PsearchError, match="do not fit the joint model"):
         transfer_idnet_weights(joint, other.state_dict())
     joint_state = checkpoint_dict(joint)

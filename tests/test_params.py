@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from psearch.config import Params, flatten, load_params
+from psearch.errors import PsearchError
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS_FILE = ROOT / "params.yaml"
@@ -101,3 +102,15 @@ def test_unknown_override_is_rejected_before_training(tmp_path):
         "(known: " + ", ".join(sorted(f.name for f in dataclasses.fields(Params().train))) + ")"
     )
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "section, defaults", [("pretrain", (64, 16, 0.01)), ("train", (2, 12, 3e-3))]
+)
+def test_shared_loop_settings_keep_each_sections_defaults_and_names(section, defaults):
+    """pretrain and train declare the loop settings once (TrainLoopConfig), each its own schedule."""
+    cfg = getattr(Params(), section)
+    assert (cfg.batch_size, cfg.epochs, cfg.lr) == defaults
+    assert (cfg.momentum, cfg.grad_clip, cfg.amp, cfg.device) == (0.9, 10.0, "bf16", "auto")
+    with pytest.raises(PsearchError, match=rf": {section}\.momentum: expected a number"):
+        load_params(None, [f"{section}.momentum=fast"])

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipelines.compile import compile_pipeline
 from psearch.config import load_params
 from psearch.errors import PsearchError
-from psearch.pipeline.compile import compile_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = {
@@ -81,10 +81,11 @@ def test_every_stage_is_a_task_on_its_image(compiled):
     for stage in STAGES:
         image = _executor(spec, stage)["image"]
         assert image == (gpu if stage in GPU_STAGES else cpu), stage
-        # The component bodies call psearch.stages; kfp is not pip-installed at run time.
+        # The component bodies call psearch and components.runtime, installed in the image;
+        # kfp is not pip-installed at run time.
         program = " ".join(_executor(spec, stage)["command"])
         assert "pip install" not in program
-        assert "from psearch" in program
+        assert "from psearch" in program or "from components.runtime" in program
 
 
 def test_dag_edges(compiled):
@@ -288,12 +289,13 @@ def test_bad_settings_are_one_line_errors(tmp_path, override, fragment):
 
 
 def test_cli_compile_and_committed_yaml_is_current(tmp_path):
-    """`psearch pipeline compile` works from the checkout, and pipelines/person_search.yaml
-    (what users submit) matches the DAG, components and params.yaml."""
+    """`python -m pipelines compile` (what `psearch pipeline compile` runs) works from the
+    checkout, and pipelines/person_search.yaml (what users submit) matches the DAG, components
+    and params.yaml."""
     out = tmp_path / "person_search.yaml"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PSEARCH_IMAGE")}
     result = subprocess.run(
-        [sys.executable, "-m", "psearch", "pipeline", "compile", "--out", str(out)],
+        [sys.executable, "-m", "pipelines", "compile", "--out", str(out)],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -13,14 +13,18 @@ from pathlib import Path
 
 import pytest
 
-from psearch.config import load_params
-from psearch.errors import PsearchError
-from psearch.pipeline.runtime import (
+from components.runtime import (
     beats_champion,
+    close_pipeline_runs,
     decision_metric,
+    open_pipeline_run,
     shard_parts,
     stage_params,
 )
+from pipelines.local import run_local
+from psearch.config import load_params
+from psearch.errors import PsearchError
+from psearch.registry import decide
 
 REPO = Path(__file__).resolve().parents[1]
 # The tiny preset with the least training that still exercises every stage.
@@ -43,8 +47,6 @@ QUICK = [
 
 @pytest.fixture(scope="module")
 def local_run(tmp_path_factory):
-    from psearch.pipeline.local import run_local
-
     workdir = tmp_path_factory.mktemp("run-local")
     params = load_params(REPO / "params.yaml", QUICK)
     return params, run_local(params, workdir), workdir
@@ -100,8 +102,6 @@ def test_a_failed_pipeline_leaves_no_mlflow_run_running(tmp_path):
     """The exit handler ends the parent run (and the failed stage's) as FAILED."""
     import mlflow
 
-    from psearch.pipeline.local import run_local
-
     # Fails at the start of pretrain, after tracking and ingest have run.
     bad = [*QUICK, "pretrain.crop_context=0.5", "tracking.experiment=pipeline-local-failure"]
     with pytest.raises(PsearchError, match="run-local"):
@@ -138,8 +138,6 @@ def test_champion_decision_is_promotes_rule(local_run):
     ],
 )
 def test_decide_is_strictly_greater(candidate_value, champion, champion_value, force, expected):
-    from psearch.registry import decide
-
     promoted, reason = decide(
         "2", candidate_value, champion, champion_value, "search.gallery_100.mAP", "champion", force
     )
@@ -147,8 +145,6 @@ def test_decide_is_strictly_greater(candidate_value, champion, champion_value, f
 
 
 def test_decide_refuses_a_champion_without_the_metric():
-    from psearch.registry import decide
-
     with pytest.raises(PsearchError, match=r"has no metric tag .*\(use --force\)"):
         decide("2", 0.9, "1", None, "search.gallery_100.mAP", "champion")
 
@@ -172,9 +168,38 @@ def test_stage_params_and_helpers_name_what_is_wrong(tmp_path):
 
 
 def test_run_local_refuses_a_file_as_workdir(tmp_path):
-    from psearch.pipeline.local import run_local
-
     target = tmp_path / "file"
     target.write_text("x")
     with pytest.raises(PsearchError, match="is not a directory"):
         run_local(load_params(None, []), target)
+
+
+def test_the_kfp_parent_run_is_opened_and_closed_by_its_run_id(tmp_path, monkeypatch):
+    """What the tracking and close-runs tasks do, without kfp.local: the parent run found by
+    its kfp.run_id tag ends with the pipeline's state, with the stage runs it left RUNNING."""
+    import mlflow
+
+    monkeypatch.delenv("PSEARCH_PARENT_RUN_ID", raising=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    params = load_params(None, [f"tracking.tracking_uri={uri}", "tracking.experiment=kfp-close"])
+    parent = open_pipeline_run(params, "kfp-1", "person-search-x")
+    other = open_pipeline_run(params, "kfp-2", "person-search-y")
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name("kfp-close").experiment_id
+    child_tags = {"mlflow.parentRunId": parent}
+    killed = client.create_run(experiment, tags=child_tags).info.run_id
+    done = client.create_run(experiment, tags=child_tags).info.run_id
+    client.set_terminated(done, "FINISHED")
+    tags = client.get_run(parent).data.tags
+    assert (tags["psearch.runner"], tags["kfp.run_name"]) == ("kubeflow", "person-search-x")
+
+    assert sorted(close_pipeline_runs(params, "kfp-1", "CANCELED")) == sorted([killed, parent])
+    status = {run_id: client.get_run(run_id).info.status for run_id in (parent, killed, done)}
+    assert status == {parent: "KILLED", killed: "KILLED", done: "FINISHED"}
+    assert client.get_run(other).info.status == "RUNNING"  # another pipeline run's parent
+    assert close_pipeline_runs(params, "kfp-1", "SUCCEEDED") == []  # nothing left RUNNING
+    off = load_params(None, ["tracking.enabled=false"])
+    assert (
+        open_pipeline_run(off, "kfp-3", "x") == ""
+        and close_pipeline_runs(off, "kfp-3", "FAILED") == []
+    )

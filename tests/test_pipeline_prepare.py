@@ -19,9 +19,9 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 import yaml
 
-from psearch.cli import main
+from pipelines.cli import main
+from pipelines.prepare import prepare
 from psearch.config import load_params
-from psearch.pipeline.prepare import prepare
 
 NS = "team-a"
 CREDENTIALS = {
@@ -237,7 +237,7 @@ def test_tolerated_taint_and_custom_selector(kube):
 def test_cli_prepare_exit_codes(kube, monkeypatch, capsys):
     for key, value in CREDENTIALS.items():
         monkeypatch.setenv(key, value)
-    args = ["pipeline", "prepare", "--namespace", NS, "--kubeconfig", kube.kubeconfig]
+    args = ["prepare", "--namespace", NS, "--kubeconfig", kube.kubeconfig]
     assert main(args) == 0
     assert "secret psearch-credentials" in capsys.readouterr().out
     kube.nodes = []
@@ -248,5 +248,5 @@ def test_cli_prepare_exit_codes(kube, monkeypatch, capsys):
         f"error: namespace {NS}: 1 problem(s) to fix before submitting (listed above)"
     )
     missing = Path(kube.kubeconfig).with_name("absent")
-    assert main(["pipeline", "prepare", "--namespace", NS, "--kubeconfig", str(missing)]) == 2
+    assert main(["prepare", "--namespace", NS, "--kubeconfig", str(missing)]) == 2
     assert "cannot load the Kubernetes config" in capsys.readouterr().err

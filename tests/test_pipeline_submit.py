@@ -19,10 +19,10 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 
-from psearch.cli import main
+from pipelines.cli import main
+from pipelines.submit import split_run_params, submit
 from psearch.config import load_params
 from psearch.errors import PsearchError
-from psearch.pipeline.submit import split_run_params, submit
 
 REPO = Path(__file__).resolve().parents[1]
 API = "/apis/v2beta1"
@@ -185,7 +185,7 @@ def test_cli_submit_prints_the_run_url_and_takes_params(kfp_server, capsys, monk
     monkeypatch.chdir(REPO)
     code = main(
         [
-            "pipeline", "submit", "--host", kfp_server.host, "--experiment", "cli",
+            "submit", "--host", kfp_server.host, "--experiment", "cli",
             "--param", "train.epochs=7", "--param", "dataset_root=/data/cuhk",
             "--set", "pretrain.lr=0.5",
         ]
@@ -214,7 +214,7 @@ def test_bad_submissions_fail_before_anything_is_sent(kfp_server, params, capsys
     with pytest.raises(PsearchError, match="expected an http"):
         submit(params, host="kfp.example.com")
     assert [c for c in kfp_server.calls if c["method"] == "POST"] == []
-    code = main(["pipeline", "submit", "--host", kfp_server.host, "--param", "train.lrr=1"])
+    code = main(["submit", "--host", kfp_server.host, "--param", "train.lrr=1"])
     assert code == 2
     assert "unknown parameter train.lrr" in capsys.readouterr().err
     assert kfp_server.runs == {}

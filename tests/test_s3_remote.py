@@ -19,7 +19,7 @@ def test_push_wipe_pull_restores_identical_outputs(tmp_path, moto_s3):  # noqa: 
     run([dvc, "repro"], repo, environ)
     before = tree_hashes(repo / "data")
     assert any(name.startswith("manifests/") for name in before)
-    # The documented setup (README, "A DVC remote on S3"): a default S3 remote and its endpoint.
+    # The documented setup (docs/local-pipeline.md, "A DVC remote on S3"): a default S3 remote and its endpoint.
     run([dvc, "remote", "add", "-d", "storage", "s3://psearch-dvc/store"], repo, environ)
     run([dvc, "remote", "modify", "storage", "endpointurl", moto_s3["endpoint"]], repo, environ)
     run([dvc, "push"], repo, environ)

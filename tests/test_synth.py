@@ -10,11 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.io as sio
+import yaml
 from PIL import Image
 
 from psearch.cli import main
-from psearch.data.synth_plan import OCCLUDED_OVER, PRESETS, plan_dataset
-from psearch.data.synthetic import synthesize
+from psearch.synth import synthesize
+from psearch.synth.plan import OCCLUDED_OVER, PRESETS, plan_dataset
 
 ANN = Path("annotation")
 LAYOUT = [
@@ -184,3 +185,14 @@ def test_cli_synth_prints_summary_and_rejects_bad_preset(tmp_path, capsys):
     assert main(["synth", "--out", str(tmp_path / "f"), "--set", "data.preset=huge"]) == 2
     assert "data.preset" in capsys.readouterr().err
     assert not (tmp_path / "e").exists() and not (tmp_path / "f").exists()
+
+
+def test_only_the_synth_stage_depends_on_the_generator():
+    """Editing the generator re-runs `synth`; later stages re-run only if data/raw changed."""
+    stages = yaml.safe_load((Path(__file__).resolve().parents[1] / "dvc.yaml").read_text())
+    src_deps = {
+        name: {d for d in stage.get("deps", []) if str(d).startswith("src/")}
+        for name, stage in stages["stages"].items()
+    }
+    assert src_deps["synth"] == {"src/psearch/synth"}
+    assert [n for n, deps in src_deps.items() if "src/psearch/synth" in deps] == ["synth"]

@@ -7,7 +7,7 @@ import io
 import numpy as np
 import scipy.io as sio
 
-from psearch.data import matwriter as mw
+from psearch.synth import matwriter as mw
 
 SCENE = [("imname", "O"), ("idlocate", "O"), ("ishard", "O")]
 

@@ -133,7 +133,7 @@ def test_losses_go_down(trained):
 
 @pytest.mark.slow
 def test_mlflow_run_holds_params_metrics_tags_and_model(trained):
-    from psearch.models.io import load_model
+    from psearch.inference.loading import fetch_model
 
     client = _client(trained)
     run = client.get_run(trained["train"]["run_id"])
@@ -152,7 +152,7 @@ def test_mlflow_run_holds_params_metrics_tags_and_model(trained):
     assert lrs == sorted(lrs)  # warm-up: the learning rate only rises
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "init" in artifacts
-    model, meta = load_model(trained["train"]["model_uri"])
+    model, meta = fetch_model(trained["train"]["model_uri"])
     assert meta["stage"] == "train" and model.num_classes == 15
     assert (
         _client(trained).get_run(trained["pretrain"]["run_id"]).data.tags["psearch.stage"]
@@ -226,7 +226,7 @@ def test_a_failed_run_leaves_no_output_but_its_checkpoint(tiny_manifests, tmp_pa
             raise KeyboardInterrupt
         return real(model, batch, device)
 
-    monkeypatch.setattr(joint, "forward_scenes", dies_at_step_three)
+    monkeypatch.setattr(joint.JointTraining, "forward", staticmethod(dies_at_step_three))
     out = tmp_path / "model"
     with pytest.raises(KeyboardInterrupt):
         stages.train(

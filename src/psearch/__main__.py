@@ -1,3 +1,5 @@
+"""`python -m psearch ...`: the psearch command (psearch.cli)."""
+
 import sys
 
 from psearch.cli import main

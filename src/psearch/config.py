@@ -88,28 +88,25 @@ class LossConfig:
     oim_queue_size: int = 500
 
 
-@dataclass
-class PretrainConfig:
-    """IDNet: classify cropped ground-truth and background boxes into C + 1 classes."""
+@dataclass(kw_only=True)
+class TrainLoopConfig:
+    """The settings of psearch.train.engine's loop, shared by `pretrain` and `train`.
 
-    crop_height: int = 96  # the person box inside each crop is resized to this
-    crop_width: int = 48
-    # Each crop spans this many times the box around it (>= 1), as the joint net's RoIs see
-    # their surroundings; IDNet pools only the box (psearch.data.crops).
-    crop_context: float = 1.5
-    # The paper: 256 crops of 224 x 224. 64 gives the demo's ~1000 crops 15 steps an epoch.
-    batch_size: int = 64
-    epochs: int = 16
-    lr: float = 0.01
+    Each section sets its own schedule (batch_size, epochs, lr, lr_step, warmup_iters,
+    checkpoint_every); the rest has one default for both.
+    """
+
+    batch_size: int
+    epochs: int
+    lr: float
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    background_ratio: float = 1.0
-    lr_step: int = 0  # iteration where lr is multiplied by 0.1; 0 = never
-    warmup_iters: int = 20
+    lr_step: int  # iteration where lr is multiplied by 0.1; 0 = never
+    warmup_iters: int
     grad_clip: float = 10.0
     amp: Literal["off", "bf16", "fp16"] = "bf16"  # CUDA only; CPU always trains in float32
     hflip: float = 0.5
-    checkpoint_every: int = 100  # iterations; 0 = no checkpoints (no --resume)
+    checkpoint_every: int  # iterations; 0 = no checkpoints (no --resume)
     log_every: int = 10  # iterations between MLflow metric points
     max_steps: int = 0  # stop after this many iterations; 0 = run every epoch
     num_workers: int = 2
@@ -117,8 +114,27 @@ class PretrainConfig:
     device: str = "auto"
 
 
-@dataclass
-class TrainConfig:
+@dataclass(kw_only=True)
+class PretrainConfig(TrainLoopConfig):
+    """IDNet: classify cropped ground-truth and background boxes into C + 1 classes."""
+
+    crop_height: int = 96  # the person box inside each crop is resized to this
+    crop_width: int = 48
+    # Each crop spans this many times the box around it (>= 1), as the joint net's RoIs see
+    # their surroundings; IDNet pools only the box (psearch.imaging).
+    crop_context: float = 1.5
+    background_ratio: float = 1.0
+    # The paper: 256 crops of 224 x 224. 64 gives the demo's ~1000 crops 15 steps an epoch.
+    batch_size: int = 64
+    epochs: int = 16
+    lr: float = 0.01
+    lr_step: int = 0
+    warmup_iters: int = 20
+    checkpoint_every: int = 100
+
+
+@dataclass(kw_only=True)
+class TrainConfig(TrainLoopConfig):
     """Joint detection + re-identification training."""
 
     batch_size: int = 2
@@ -126,19 +142,9 @@ class TrainConfig:
     # The paper: 1e-3 (VGG16 from ImageNet), x0.1 after 100k of 120k iterations. The demo:
     # 12 epochs of 160 iterations, x0.1 for the last quarter.
     lr: float = 3e-3
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    lr_step: int = 1440  # iteration where lr is multiplied by 0.1; 0 = never
+    lr_step: int = 1440
     warmup_iters: int = 50
-    grad_clip: float = 10.0
-    amp: Literal["off", "bf16", "fp16"] = "bf16"
-    hflip: float = 0.5
-    checkpoint_every: int = 200  # iterations; 0 = no checkpoints (no --resume)
-    log_every: int = 10  # iterations between MLflow metric points
-    max_steps: int = 0  # stop after this many iterations; 0 = run every epoch
-    num_workers: int = 2
-    seed: int = 0
-    device: str = "auto"
+    checkpoint_every: int = 200
     loss: LossConfig = field(default_factory=LossConfig)
 
 
@@ -242,7 +248,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise PsearchError(f"{key}: expected a mapping, got {value!r}")
         return dict(value)
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key)
+        return build_section(tp, value, key)
     if tp is bool:
         if not isinstance(value, bool):
             raise PsearchError(f"{key}: expected true or false, got {value!r}")
@@ -264,8 +270,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise PsearchError(f"{key}: unsupported type {_type_name(tp)}")
 
 
-def _build(cls: type, data: Any, prefix: str = "") -> Any:
-    """Build dataclass `cls` from a mapping, rejecting unknown keys and wrong types."""
+def build_section(cls: type, data: Any, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a mapping (None = every default), rejecting unknown keys and
+    wrong types; `prefix` is the section's dotted name in error messages (e.g. "train.loss")."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -348,6 +355,6 @@ def load_params(path: str | Path | None = None, overrides: list[str] | None = No
         _apply_override(tree, assignment)
     source = str(path) if path is not None else "defaults"
     try:
-        return _build(Params, tree)
+        return build_section(Params, tree)
     except PsearchError as exc:
         raise PsearchError(f"{source}: {exc}") from None

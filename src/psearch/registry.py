@@ -22,7 +22,7 @@ from typing import Any
 from psearch.config import Params
 from psearch.errors import PsearchError
 from psearch.jsonfile import read_json_object
-from psearch.tracking import check_reachable, stage_run, tracking_uri
+from psearch.tracking import connect, stage_run, tracking_uri
 
 HISTORY_TAG = "psearch.champion_history"
 PROMOTION_PREFIX = "psearch.promotion."
@@ -68,14 +68,9 @@ def read_metrics(path: Path) -> dict[str, float]:
 
 
 def _client(params: Params):
-    import mlflow
-
     if not params.tracking.enabled:
         raise PsearchError("the model registry needs MLflow: tracking.enabled is false")
-    uri = tracking_uri(params.tracking)
-    check_reachable(uri)
-    mlflow.set_tracking_uri(uri)
-    return mlflow.MlflowClient(uri)
+    return connect(params)
 
 
 def _log_evaluation(client, run_id: str, metrics: dict[str, float], metrics_file: Path) -> None:

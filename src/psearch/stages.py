@@ -1,8 +1,13 @@
-"""The stage functions: the one place the CLI, DVC and Kubeflow all call.
+"""The stage functions: what each pipeline stage runs, for the command line (psearch.cli,
+which DVC's dvc.yaml runs) and for Kubeflow (components/).
 
-Each takes input paths, output paths and typed params, and nothing else; each
-writes its outputs atomically and returns a small summary. Heavy modules are
-imported inside the functions so that importing this module stays cheap.
+An implementation that already takes the stage's inputs, outputs and typed params is the
+stage function itself, re-exported here (extract, extract_merge, evaluate, register,
+promote). The functions below add what the stage does around its implementation: a params
+section turned into arguments (synth, ingest); a training stage run with the serving layer's
+model logger, which the training code sits below and so is handed (pretrain, train).
+Importing this module imports torch: the command line imports it in the handlers that run a
+stage, so `psearch --help` and `psearch evaluate` stay light.
 """
 
 from __future__ import annotations
@@ -10,22 +15,38 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from psearch.config import DataConfig, EvaluateConfig, IngestConfig, Params
+from psearch.config import DataConfig, IngestConfig, Params
+from psearch.data.ingest import ingest as ingest_dataset
+from psearch.data.table import TableOptions
+from psearch.evaluation.run import evaluate
+from psearch.inference.extract import extract
+from psearch.inference.shards import merge as extract_merge
+from psearch.registry import promote, register
+from psearch.synth import synthesize
+from psearch.train.joint import JointTraining
+from psearch.train.pretrain import Pretraining
+
+__all__ = [
+    "evaluate",
+    "extract",
+    "extract_merge",
+    "ingest",
+    "pretrain",
+    "promote",
+    "register",
+    "synth",
+    "train",
+]
 
 
 def synth(out: Path, cfg: DataConfig) -> dict[str, Any]:
     """Write a synthetic dataset in the CUHK-SYSU layout to `out`."""
-    from psearch.data.synthetic import synthesize
-
     return synthesize(Path(out), preset=cfg.preset, seed=cfg.seed)
 
 
 def ingest(root: Path, out: Path, cfg: IngestConfig) -> dict[str, Any]:
     """Read a raw CUHK-SYSU or PRW dataset, or a table of boxes, at `root`; write the
     manifests to `out`."""
-    from psearch.data.ingest import ingest as run
-    from psearch.data.table import TableOptions
-
     table = None
     if cfg.format == "table" and cfg.annotations:
         table = TableOptions(
@@ -35,14 +56,21 @@ def ingest(root: Path, out: Path, cfg: IngestConfig) -> dict[str, Any]:
             gallery_sizes=tuple(cfg.gallery_sizes),
             seed=cfg.seed,
         )
-    return run(Path(root), Path(out), fmt=cfg.format, table=table)
+    return ingest_dataset(Path(root), Path(out), fmt=cfg.format, table=table)
+
+
+def _log_model(model_file: Path, name: str) -> tuple[str, str]:
+    """Log a trained model to the stage's MLflow run (psearch.serving's pyfunc wrapper)."""
+    # lazy: mlflow.pyfunc and pandas take seconds to import and warn; only training logs a model
+    from psearch.serving.pyfunc import log_model
+
+    return log_model(model_file, name)
 
 
 def pretrain(manifests: Path, out: Path, params: Params, resume: bool = False) -> dict[str, Any]:
-    """IDNet pretraining on cropped boxes; writes `out/idnet.pt`."""
-    from psearch.train.pretrain import pretrain as run
-
-    return run(Path(manifests), Path(out), params, resume=resume)
+    """IDNet pretraining on cropped boxes; writes `out/idnet.pt` (and logs it to MLflow)."""
+    stage = Pretraining(params)
+    return stage.run(Path(manifests), Path(out), resume=resume, log_model=_log_model)
 
 
 def train(
@@ -53,65 +81,5 @@ def train(
     resume: bool = False,
 ) -> dict[str, Any]:
     """Joint detection + re-id training; writes `out/model.pt` (and logs it to MLflow)."""
-    from psearch.train.joint import train as run
-
-    return run(Path(manifests), Path(out), params, init=Path(init) if init else None, resume=resume)
-
-
-def extract(
-    manifests: Path,
-    model: str,
-    out: Path,
-    params: Params,
-    shard: tuple[int, int] | None = None,
-    boxes: str = "detect",
-    features: str = "joint",
-    idnet: Path | None = None,
-) -> dict[str, Any]:
-    """Gallery detections + features and query features (CONTRACT.md) for a model."""
-    from psearch.inference.extract import extract as run
-
-    return run(
-        Path(manifests),
-        model,
-        Path(out),
-        params,
-        shard=shard,
-        boxes=boxes,
-        features=features,
-        idnet=Path(idnet) if idnet else None,
-    )
-
-
-def extract_merge(parts: list[Path], out: Path) -> dict[str, Any]:
-    """Combine extraction shards into the contract files; refuses gaps and overlaps."""
-    from psearch.inference.extract import merge
-
-    return merge([Path(p) for p in parts], Path(out))
-
-
-def evaluate(manifests: Path, detections: Path, out: Path, cfg: EvaluateConfig) -> dict[str, Any]:
-    """Score detections and features; writes `out/metrics.json`, per-query results, plots."""
-    from psearch.evaluation.run import evaluate as run
-
-    return run(Path(manifests), Path(detections), Path(out), cfg)
-
-
-def register(model: Path, metrics: Path, params: Params) -> dict[str, Any]:
-    """Register a trained model as a new version in the MLflow registry."""
-    from psearch.registry import register as run
-
-    return run(Path(model), Path(metrics), params)
-
-
-def promote(
-    params: Params,
-    metric: str | None = None,
-    force: bool = False,
-    rollback: bool = False,
-    version: str | None = None,
-) -> dict[str, Any]:
-    """Move the champion alias to the candidate when it beats the champion (or roll back)."""
-    from psearch.registry import promote as run
-
-    return run(params, metric=metric, force=force, rollback=rollback, version=version)
+    stage = JointTraining(params, init=Path(init) if init else None)
+    return stage.run(Path(manifests), Path(out), resume=resume, log_model=_log_model)

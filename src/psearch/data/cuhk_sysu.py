@@ -1,4 +1,4 @@
-"""Reading a CUHK-SYSU layout (DATASETS.md) into a `ParsedDataset`.
+"""Reading a CUHK-SYSU layout (docs/data.md) into a `ParsedDataset`.
 
 Training images are all images minus the pool; a box of Images.mat is a
 labelled identity when Train.mat or a TestG file names the same image and

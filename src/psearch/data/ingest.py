@@ -1,4 +1,4 @@
-"""`psearch ingest`: a raw CUHK-SYSU or PRW dataset, or a table of boxes -> the manifests of CONTRACT.md.
+"""`psearch ingest`: a raw CUHK-SYSU or PRW dataset, or a table of boxes -> the manifests of docs/contract.md.
 
 The reader of the format produces a `ParsedDataset`; this module reads each
 image's size from its header, converts `[x y w h]` to `x1 y1 x2 y2`, builds the
@@ -20,7 +20,9 @@ import pyarrow as pa
 from PIL import Image, UnidentifiedImageError
 
 from psearch.atomic import atomic_dir
+from psearch.data.cuhk_sysu import read_cuhk_sysu
 from psearch.data.manifest import MANIFEST_SCHEMAS, write_parquet
+from psearch.data.prw import read_prw
 from psearch.data.records import ParsedDataset
 from psearch.data.table import TableOptions, read_table
 from psearch.errors import PsearchError
@@ -59,11 +61,7 @@ def ingest(root: Path, out: Path, fmt: str, table: TableOptions | None = None) -
 
 def _read(root: Path, fmt: str) -> ParsedDataset:
     if fmt == "cuhk-sysu":
-        from psearch.data.cuhk_sysu import read_cuhk_sysu
-
         return read_cuhk_sysu(root)
-    from psearch.data.prw import read_prw
-
     return read_prw(root)
 
 

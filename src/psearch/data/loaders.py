@@ -10,6 +10,8 @@ to the model's GeneralizedRCNNTransform (scenes) or done here (IDNet crops).
 from __future__ import annotations
 
 import os
+import random
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,9 +21,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.ops import box_iou
 
-from psearch.data.crops import cut_crops
 from psearch.data.manifest import Manifests
 from psearch.errors import PsearchError
+from psearch.imaging import cut_crops
 
 # A background crop overlaps no annotated person by more than this IoU.
 BACKGROUND_MAX_IOU = 0.3
@@ -54,7 +56,7 @@ def dataset_root(manifests: Manifests) -> Path:
 
 
 def num_train_identities(manifests: Manifests) -> int:
-    """C: the training identities, which take the dense ids 0..C-1 (CONTRACT.md)."""
+    """C: the training identities, which take the dense ids 0..C-1 (docs/contract.md)."""
     split = np.asarray(manifests.persons.column("split").to_pylist())
     ids = manifests.persons.column("person_id").to_numpy()
     train_ids = ids[split == "train"]
@@ -210,8 +212,16 @@ class CropDataset(Dataset):
     `background_ratio` times as many random background boxes (label = C).
 
     Items are (crop float [3, H, W] in 0..1, label int64): the box plus `context` around it,
-    the box resized to height x width (psearch.data.crops). The background boxes are drawn
+    the box resized to height x width (psearch.imaging). The background boxes are drawn
     once, from `seed`, when the dataset is built.
+
+    A DataLoader fetches a whole batch through `__getitems__`, which decodes each scene once
+    for all of its crops in the batch and converts only each crop's window to float, so the
+    cost per crop follows the crop, not the scene. The batch keeps the sampler's order (crops
+    of many scenes, shuffled, as the paper's IDNet batches are) and every item is exactly what
+    `__getitem__` gives for its key. Grouping batches by scene would decode less but change
+    which crops train together; a crop cache written once would hold every crop (CUHK-SYSU
+    at 224 x 224: several GB, quantised to uint8) and go stale with the crop settings.
     """
 
     def __init__(
@@ -250,13 +260,25 @@ class CropDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, key: int | tuple[int, int]):
-        index, rng = _item_rng(self.seed, key)
-        record = self.records[self.image_index[index]]
-        image = read_image(record.path)
-        crop = cut_crops(image, self.boxes[index], self.size, self.context)[0]
-        if rng.random() < self.hflip:
-            crop = crop.flip(-1)
-        return crop, torch.tensor(self.labels[index])
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys: list[int | tuple[int, int]]) -> list:
+        """The items of `keys`, in that order, reading each scene once."""
+        items = [_item_rng(self.seed, key) for key in keys]
+        by_scene: dict[int, list[int]] = defaultdict(list)  # scene -> positions in `keys`
+        for position, (index, _) in enumerate(items):
+            by_scene[int(self.image_index[index])].append(position)
+        batch: list = [None] * len(keys)
+        for scene, positions in by_scene.items():
+            image = read_image(self.records[scene].path)
+            for position in positions:
+                index, rng = items[position]
+                # One crop per call: cut_crops converts the window of its boxes, here one crop's.
+                crop = cut_crops(image, self.boxes[index], self.size, self.context)[0]
+                if rng.random() < self.hflip:
+                    crop = crop.flip(-1)
+                batch[position] = (crop, torch.tensor(self.labels[index]))
+        return batch
 
 
 class TestImageDataset(Dataset):
@@ -319,8 +341,6 @@ class EpochSampler(DistributedSampler):
 
 def seed_worker(worker_id: int) -> None:
     """Keep library RNGs in workers reproducible (items draw their own generators anyway)."""
-    import random
-
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)

@@ -1,4 +1,4 @@
-"""The manifests and detection files of CONTRACT.md: schemas, atomic writing, checked reading.
+"""The manifests and detection files of docs/contract.md: schemas, atomic writing, checked reading.
 
 Every stage reads and writes these tables through this module, so a column
 that drifts from the contract fails loudly at the boundary, naming the file.

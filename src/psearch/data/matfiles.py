@@ -113,12 +113,17 @@ def text(value, where: str) -> str:
     raise PsearchError(f"{where}: expected a string, got {_describe(value)}")
 
 
-def number(value, where: str) -> float:
+def _numeric(value, where: str, expected: str) -> np.ndarray:
+    """`value` as a float64 array, or a one-line error saying it is not `expected`."""
     value = _unwrap(value)
     try:
-        arr = np.asarray(value, dtype=np.float64)
+        return np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError):
-        raise PsearchError(f"{where}: expected a number, got {_describe(value)}") from None
+        raise PsearchError(f"{where}: expected {expected}, got {_describe(value)}") from None
+
+
+def number(value, where: str) -> float:
+    arr = _numeric(value, where, "a number")
     if arr.size != 1:
         raise PsearchError(f"{where}: expected one number, got {arr.size} values")
     return float(arr.reshape(-1)[0])
@@ -134,11 +139,7 @@ def flag(value, where: str) -> bool:
 
 def box(value, where: str) -> tuple[float, float, float, float] | None:
     """An `[x y w h]` box as a tuple of floats; None for an empty one (1 x 0 or 0 x 0)."""
-    value = _unwrap(value)
-    try:
-        arr = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise PsearchError(f"{where}: expected an [x y w h] box, got {_describe(value)}") from None
+    arr = _numeric(value, where, "an [x y w h] box")
     if arr.size == 0:
         return None
     if arr.size != 4 or not np.all(np.isfinite(arr)):
@@ -149,11 +150,7 @@ def box(value, where: str) -> tuple[float, float, float, float] | None:
 
 def matrix(value, columns: int, where: str) -> np.ndarray:
     """An N x `columns` numeric matrix (N may be 0); a single row may come as a vector."""
-    value = _unwrap(value)
-    try:
-        arr = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise PsearchError(f"{where}: expected a numeric matrix, got {_describe(value)}") from None
+    arr = _numeric(value, where, "a numeric matrix")
     if arr.size == 0:
         return np.zeros((0, columns))
     if arr.ndim == 1 or (arr.ndim == 2 and arr.shape[0] == 1 and arr.shape[1] == columns):

@@ -1,4 +1,4 @@
-"""Reading a PRW layout (DATASETS.md) into a `ParsedDataset`.
+"""Reading a PRW layout (docs/data.md) into a `ParsedDataset`.
 
 Frames come from frame_train.mat / frame_test.mat, boxes from one
 annotations/<frame>.jpg.mat per frame (`box_new`, in a few files `anno_file`

@@ -52,7 +52,7 @@ class ParsedDataset:
 
 
 def low_resolution_mask(heights: np.ndarray) -> np.ndarray:
-    """DATASETS.md's derived subset: the round-half-up 10 % smallest query boxes by height,
+    """docs/data.md's derived subset: the round-half-up 10 % smallest query boxes by height,
     ties to the lower query id."""
     count = int(np.floor(len(heights) * 0.1 + 0.5))
     order = np.lexsort((np.arange(len(heights)), heights))

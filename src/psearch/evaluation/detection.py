@@ -1,4 +1,4 @@
-"""Detection metrics (CONTRACT.md "Detection"): AP, recall and labelled recall, vectorised.
+"""Detection metrics (docs/contract.md "Detection"): AP, recall and labelled recall, vectorised.
 
 A detection and a gt box of the same image match when each is the other's
 highest-IoU partner (IoU stored as float32, ties to the lower index, as the

@@ -21,6 +21,8 @@ from psearch.data.manifest import (
     QUERY_FEATURES,
     Manifests,
     feature_dim,
+    gallery_detections_schema,
+    query_features_schema,
     read_parquet,
 )
 from psearch.errors import PsearchError
@@ -212,8 +214,6 @@ def _check_finite(values: np.ndarray, path: Path, what: str) -> None:
 
 def read_detections(directory: Path) -> tuple[pa.Table, pa.Table]:
     """The two contract tables of a detections directory (schema-checked)."""
-    from psearch.data.manifest import gallery_detections_schema, query_features_schema
-
     directory = Path(directory)
     if not directory.is_dir():
         raise PsearchError(f"{directory}: detections directory not found")

@@ -77,10 +77,10 @@ def write_plots(
     if not png:
         return written
 
-    import matplotlib
+    import matplotlib  # lazy: a second to import; `evaluate.plots: false` never needs it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: as above; after the backend is chosen
 
     if sized:
         sizes = [s for s, _ in sized]

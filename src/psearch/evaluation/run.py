@@ -1,6 +1,6 @@
 """`evaluate`: search and detection metrics for one set of detections, written atomically.
 
-OUT/metrics.json       the contract's metrics (CONTRACT.md "Metrics")
+OUT/metrics.json       the contract's metrics (docs/contract.md "Metrics")
 OUT/per_query.parquet  ap, rank of the first correct match, count_gt, count_tp per protocol
 OUT/worst_queries.json the lowest-AP queries on gallery 100 with their top-10 candidates
 OUT/plots/             gallery_size, cmc, detection_pr as CSV (+ PNG)

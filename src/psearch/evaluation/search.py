@@ -1,4 +1,4 @@
-"""Person search metrics (the CUHK-SYSU protocol, as CONTRACT.md defines it), vectorised.
+"""Person search metrics (the CUHK-SYSU protocol, as docs/contract.md defines it), vectorised.
 
 For a block of queries at once: similarities to every candidate are one matrix
 product; each gallery image's one positive is the most similar candidate that

@@ -17,8 +17,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_image
 
-from psearch.data.crops import cut_crops
 from psearch.errors import PsearchError
+from psearch.imaging import cut_crops
 from psearch.inference.batching import padded_size, plan_batches
 
 # Crops per IDNet forward pass.

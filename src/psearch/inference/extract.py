@@ -6,7 +6,7 @@ paper's Table 2 are flags: `boxes="gt"` uses the annotated boxes as a perfect de
 1, features of those boxes), `features="idnet"` takes re-id features from a separately trained
 IDNet on crops of the boxes (Deep + IDNet, the two-stage pipeline).
 
-Outputs (CONTRACT.md): OUT/gallery_detections.parquet, OUT/query_features.parquet and
+Outputs (docs/contract.md): OUT/gallery_detections.parquet, OUT/query_features.parquet and
 OUT/extraction.json (settings, counts, throughput, where the images are). With a shard I/N,
 the same files go to OUT/part-00I-of-00N/ instead (see shards.py); `merge` combines them.
 """
@@ -18,11 +18,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from psearch.atomic import atomic_dir
 from psearch.config import Params
+from psearch.data.loaders import dataset_root
 from psearch.data.manifest import GALLERY_DETECTIONS, QUERY_FEATURES, Manifests, read_manifests
 from psearch.errors import PsearchError
+from psearch.inference import engine
+from psearch.inference.engine import batch_keys, run_chunks
+from psearch.inference.loading import inference_settings, load_idnet, load_joint, resolve_device
 from psearch.inference.shards import merge, part_dir, shard_positions
 from psearch.inference.writer import (
     GalleryWriter,
@@ -30,6 +35,7 @@ from psearch.inference.writer import (
     write_extraction_json,
     write_query_features,
 )
+from psearch.tracking import data_version
 
 __all__ = ["extract", "merge"]
 
@@ -48,10 +54,6 @@ def extract(
     idnet: Path | None = None,
 ) -> dict[str, Any]:
     """Write the extraction files for the test split of `manifests` (or one shard of it)."""
-    from psearch.data.loaders import dataset_root
-    from psearch.inference.loading import inference_settings, resolve_device
-    from psearch.tracking import data_version
-
     _check_modes(boxes, features, idnet)
     if params.extract.batch_size < 1 or params.extract.num_workers < 0:
         raise PsearchError(
@@ -131,8 +133,6 @@ def _finished(part: Path, settings: dict[str, Any]) -> bool:
 
 
 def _image_table(tables: Manifests) -> dict[int, tuple[Path, int, int]]:
-    from psearch.data.loaders import dataset_root
-
     root = dataset_root(tables)
     images = tables.images.to_pydict()
     return {
@@ -195,8 +195,6 @@ class _Passes:
     """The models of one extraction and its two passes (gallery, queries)."""
 
     def __init__(self, model, idnet, params: Params, device, boxes: str, features: str) -> None:
-        from psearch.inference.loading import load_idnet, load_joint
-
         self.params, self.device = params, device
         self.boxes, self.features = boxes, features
         self.model, _ = load_joint(model, params, device)
@@ -207,25 +205,17 @@ class _Passes:
         self.amp = params.extract.amp
 
     def _run(self, images: dict[str, list], step):
-        from psearch.inference.engine import batch_keys, run_chunks
-
         cfg = self.params.extract
         keys = batch_keys(images["size"], self.params.model.min_size, self.params.model.max_size)
         return run_chunks(images["path"], keys, step, cfg.batch_size, cfg.num_workers, self.device)
 
     def _given_boxes_step(self, boxes: list[np.ndarray]):
-        from psearch.inference import engine
-
         if self.features == "idnet":
             return engine.idnet_box_step(self.idnet, boxes, self.crop, self.amp)
         return engine.box_feature_step(self.model, boxes, self.amp)
 
     def gallery(self, images: dict[str, list], path: Path) -> int:
         """Stream every image's boxes, scores and features to `path`; returns the row count."""
-        from tqdm import tqdm
-
-        from psearch.inference import engine
-
         if self.boxes == "gt":
             features_step = self._given_boxes_step(images["boxes"])
 

@@ -1,4 +1,4 @@
-"""Load the models an extraction or a search runs, checked against the params.
+"""Load the models an extraction or a search runs (files or MLflow URIs), checked against the params.
 
 The architecture (trunk, feature size, RoI head) must match `params.model`: features of two
 different networks are not comparable, and a silent mismatch would only show as a bad mAP.
@@ -8,13 +8,19 @@ params, so the extraction does what params.yaml says whatever the model was trai
 
 from __future__ import annotations
 
-import dataclasses
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from psearch.config import ModelConfig, Params
 from psearch.errors import PsearchError
+from psearch.models.idnet import IDNet
+from psearch.models.io import load_model
+from psearch.models.joint import INFERENCE_SETTINGS, JointNet
 
 ARCHITECTURE_FIELDS = (
     "backbone",
@@ -25,18 +31,9 @@ ARCHITECTURE_FIELDS = (
     "anchor_sizes",
     "anchor_ratios",
 )
-# IDNet has no detector: its anchors are stored but unused.
+# IDNet has no detector: its architecture is the first five.
 IDNET_ARCHITECTURE_FIELDS = ARCHITECTURE_FIELDS[:5]
-INFERENCE_FIELDS = (
-    "min_size",
-    "max_size",
-    "rpn_pre_nms_top_n_test",
-    "rpn_post_nms_top_n_test",
-    "rpn_nms_thresh",
-    "box_score_thresh",
-    "box_nms_thresh",
-    "detections_per_img",
-)
+MLFLOW_URI_PREFIXES = ("runs:/", "models:/", "mlflow-artifacts:/", "s3://", "gs://")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -54,9 +51,39 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def check_architecture(source: str, stored: ModelConfig, wanted: ModelConfig, fields) -> None:
+def fetch_model(uri: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """(model in eval mode on ``device``, meta) from a file, a directory or an MLflow URI."""
+    uri = str(uri)
+    if not uri.startswith(MLFLOW_URI_PREFIXES):
+        return load_model(uri, device)
+    # lazy: mlflow takes seconds to import, and local model files do not need it.
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    download_dir = Path(tempfile.mkdtemp(prefix="psearch-model-"))
+    try:
+        try:
+            local = mlflow.artifacts.download_artifacts(
+                artifact_uri=uri, dst_path=str(download_dir)
+            )
+        except (MlflowException, OSError) as exc:
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise PsearchError(f"{uri}: cannot download the model ({message})") from None
+        return load_model(local, device, source=uri)
+    finally:
+        shutil.rmtree(download_dir, ignore_errors=True)
+
+
+def inference_settings(cfg: ModelConfig) -> dict[str, Any]:
+    """The params' test-time settings, as JointNet.set_inference_settings takes them."""
+    return {name: getattr(cfg, name) for name in INFERENCE_SETTINGS}
+
+
+def check_architecture(source: str, model: nn.Module, wanted: ModelConfig, fields) -> None:
+    """Refuse a model whose architecture differs from the params' in any of ``fields``."""
+    stored = model.model_settings
     for name in fields:
-        have, want = getattr(stored, name), getattr(wanted, name)
+        have, want = stored[name], getattr(wanted, name)
         if have != want:
             raise PsearchError(
                 f"{source}: the model has model.{name}={have!r} but the params say {want!r} "
@@ -64,41 +91,24 @@ def check_architecture(source: str, stored: ModelConfig, wanted: ModelConfig, fi
             )
 
 
-def inference_settings(cfg: ModelConfig) -> dict[str, Any]:
-    return {name: getattr(cfg, name) for name in INFERENCE_FIELDS}
-
-
-def load_joint(uri: str, params: Params, device: torch.device):
+def load_joint(uri: str, params: Params, device: torch.device) -> tuple[JointNet, dict]:
     """(JointNet in eval mode on `device` with the params' test-time settings, meta)."""
-    from psearch.models.idnet import IDNet
-    from psearch.models.io import load_model
-    from psearch.models.joint import JointNet
-
-    model, meta = load_model(uri, device="cpu")
+    model, meta = fetch_model(uri, device="cpu")
     if isinstance(model, IDNet):
         raise PsearchError(
             f"{uri}: is an IDNet; --model needs a joint model (IDNet goes to --idnet)"
         )
-    check_architecture(uri, model.cfg, params.model, ARCHITECTURE_FIELDS)
-    wanted = inference_settings(params.model)
-    if inference_settings(model.cfg) != wanted:
-        # Rebuild with the params' settings (they are constructor arguments of the parts).
-        cfg = dataclasses.replace(model.cfg, **wanted)
-        rebuilt = JointNet(cfg, model.loss_cfg, model.num_classes, load_weights=False)
-        rebuilt.load_state_dict(model.state_dict())
-        model = rebuilt
+    check_architecture(uri, model, params.model, ARCHITECTURE_FIELDS)
+    model.set_inference_settings(**inference_settings(params.model))
     return model.eval().to(device), meta
 
 
-def load_idnet(path: str, params: Params, device: torch.device):
+def load_idnet(path: str, params: Params, device: torch.device) -> tuple[IDNet, tuple[int, int]]:
     """(IDNet in eval mode on `device`, (crop height, crop width))."""
-    from psearch.models.idnet import IDNet
-    from psearch.models.io import load_model
-
-    model, meta = load_model(str(path), device="cpu")
+    model, meta = fetch_model(str(path), device="cpu")
     if not isinstance(model, IDNet):
         raise PsearchError(f"{path}: not an IDNet (pass the idnet.pt of psearch pretrain)")
-    check_architecture(str(path), model.cfg, params.model, IDNET_ARCHITECTURE_FIELDS)
+    check_architecture(str(path), model, params.model, IDNET_ARCHITECTURE_FIELDS)
     crop = (
         int(meta.get("crop_height", params.pretrain.crop_height)),
         int(meta.get("crop_width", params.pretrain.crop_width)),

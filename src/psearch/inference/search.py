@@ -18,8 +18,10 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from psearch.config import Params
-from psearch.data.manifest import GALLERY_DETECTIONS, feature_dim
+from psearch.data.manifest import GALLERY_DETECTIONS, feature_dim, read_manifests
 from psearch.errors import PsearchError
+from psearch.inference.render import render_search
+from psearch.inference.writer import read_extraction_json
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -72,8 +74,8 @@ def search(
     manifests: Path | None = None,
 ) -> dict[str, Any]:
     """Rank the gallery's images for the person at `box` (x, y, w, h) in `query`."""
+    # lazy: torch takes seconds to import; the command line imports this module at start-up
     from psearch.inference.loading import load_joint, resolve_device
-    from psearch.inference.writer import read_extraction_json
 
     if top_k < 1:
         raise PsearchError(f"--top-k {top_k}: must be at least 1")
@@ -125,8 +127,6 @@ def search(
         "notes": notes,
     }
     if out is not None:
-        from psearch.inference.render import render_search
-
         render_search(query, query_xyxy[0].tolist(), matches, Path(out))
         result["picture"] = str(out)
     return result
@@ -182,6 +182,7 @@ def _query_feature(
     query: Path, box: np.ndarray, joint, info: dict[str, Any], params: Params, device
 ) -> np.ndarray:
     """The query box's feature, computed as the gallery's were (joint net, or IDNet crops)."""
+    # lazy: torch takes seconds to import; the command line imports this module at start-up
     from psearch.inference import engine
     from psearch.inference.loading import load_idnet
 
@@ -198,8 +199,8 @@ def _query_feature(
 def _stored_gallery(gallery: Path, info: dict[str, Any], thresh: float, manifests: Path | None):
     """(image paths, boxes, scores, features) of an extraction's detections with score >=
     thresh; image paths come from the manifests the extraction was made from."""
+    # lazy: torch takes seconds to import; the command line imports this module at start-up
     from psearch.data.loaders import dataset_root
-    from psearch.data.manifest import read_manifests
 
     manifests = Path(manifests or info.get("manifests") or "")
     if not (manifests / "images.parquet").is_file():
@@ -229,6 +230,7 @@ def _stored_gallery(gallery: Path, info: dict[str, Any], thresh: float, manifest
 
 def _detect_folder(folder: Path, query: Path, joint, params: Params, device):
     """(image paths, boxes, scores, features) of every detection in a folder of images."""
+    # lazy: torch takes seconds to import; the command line imports this module at start-up
     from psearch.inference import engine
 
     files = sorted(

@@ -1,4 +1,4 @@
-"""Streaming writers for the extraction files (CONTRACT.md schemas), and extraction.json.
+"""Streaming writers for the extraction files (docs/contract.md schemas), and extraction.json.
 
 Gallery rows are buffered up to ROW_GROUP_ROWS and written as one Parquet row group, so memory
 stays flat however large the gallery is. The files are written inside a temporary output

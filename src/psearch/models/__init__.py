@@ -1,1 +1,1 @@
-"""Networks of the paper (joint net, IDNet), identity losses, model files (see the README, "Models")."""
+"""Networks of the paper (joint net, IDNet), identity losses, model files (see docs/models.md)."""

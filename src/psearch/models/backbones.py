@@ -7,9 +7,9 @@ Three kinds, all built from torchvision models:
 - ``resnet50``: the CVPR'17 follow-up / SeqNet layout. conv1-res4 (stride 16, 1024 channels) as
   the trunk; res5 + global average pooling (2048) as the RoI head.
 - ``small``: CPU-friendly. MobileNetV3-Large up to its last stride-16 block (112 channels) as
-  the trunk; a narrow two-layer fc head of ``cfg.head_dim`` (fc6/fc7-equivalent).
+  the trunk; a narrow two-layer fc head of ``head_dim`` (fc6/fc7-equivalent).
 
-Random init by default. ``cfg.backbone_weights`` names either a local file holding the state
+Random init by default. ``backbone_weights`` names either a local file holding the state
 dict of the whole torchvision model, or a torchvision weights enum member such as
 ``IMAGENET1K_V1`` (downloaded by torchvision, only when the user asks for it). With pretrained
 weights, batch norm is frozen and the stem is not trained, as detection codebases do; with
@@ -25,12 +25,8 @@ from torch import nn
 from torchvision import models
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from psearch.config import ModelConfig
 from psearch.errors import PsearchError
 
-# The normalisation every torchvision ImageNet model expects; the joint net and IDNet share it.
-IMAGE_MEAN = [0.485, 0.456, 0.406]
-IMAGE_STD = [0.229, 0.224, 0.225]
 # Feature stride of every trunk (the RoI pooling scale is 1 / TRUNK_STRIDE).
 TRUNK_STRIDE = 16
 
@@ -76,11 +72,17 @@ class ResNetHead(nn.Module):
         return torch.flatten(nn.functional.adaptive_avg_pool2d(self.layer4(pooled), 1), 1)
 
 
-def _torchvision_model(cfg: ModelConfig, load_weights: bool) -> tuple[nn.Module, bool]:
-    """The torchvision classification model for cfg.backbone, and whether it is pretrained."""
-    arch = _TORCHVISION_ARCH[cfg.backbone]
-    source = cfg.backbone_weights if load_weights else None
-    pretrained = bool(cfg.backbone_weights)  # decides the norm layers even when not loading
+def _torchvision_model(
+    backbone: str, backbone_weights: str | None, load_weights: bool
+) -> tuple[nn.Module, bool]:
+    """The torchvision classification model for ``backbone``, and whether it is pretrained."""
+    if backbone not in _TORCHVISION_ARCH:
+        raise PsearchError(
+            f"model.backbone: unknown kind {backbone!r} (expected {', '.join(_TORCHVISION_ARCH)})"
+        )
+    arch = _TORCHVISION_ARCH[backbone]
+    source = backbone_weights if load_weights else None
+    pretrained = bool(backbone_weights)  # decides the norm layers even when not loading
     kwargs = {"norm_layer": FrozenBatchNorm2d} if pretrained and arch == "resnet50" else {}
     model = models.get_model(arch, weights=None, **kwargs)
     if source is None:
@@ -130,15 +132,23 @@ def _freeze_batch_norm(module: nn.Module) -> nn.Module:
     return module
 
 
-def build_backbone(cfg: ModelConfig, load_weights: bool = True) -> tuple[nn.Module, nn.Module]:
-    """(trunk with ``out_channels``, RoI head with ``out_features``) for ``cfg.backbone``.
+def build_backbone(
+    *,
+    backbone: str = "small",
+    backbone_weights: str | None = None,
+    roi_size: int = 7,
+    head_dim: int = 256,
+    load_weights: bool = True,
+) -> tuple[Trunk, nn.Module]:
+    """(trunk with ``out_channels``, RoI head with ``out_features``) for ``backbone``.
 
-    ``load_weights=False`` builds the same architecture without reading
-    ``cfg.backbone_weights`` (used when a saved model's own state dict is loaded next).
+    ``roi_size`` is the side of the pooled RoIs the head takes; ``head_dim`` the width of
+    the small backbone's fc head. ``load_weights=False`` builds the same architecture without
+    reading ``backbone_weights`` (used when a saved model's own state dict is loaded next).
     """
-    model, pretrained = _torchvision_model(cfg, load_weights)
-    s = cfg.roi_size
-    if cfg.backbone == "vgg16":
+    model, pretrained = _torchvision_model(backbone, backbone_weights, load_weights)
+    s = roi_size
+    if backbone == "vgg16":
         # features[:30] ends at conv5_3 + ReLU: four max-pools, stride 16.
         trunk = Trunk(nn.Sequential(*list(model.features)[:30]), 512)
         head = FcHead(512 * s * s, 4096, dropout=0.5)
@@ -148,7 +158,7 @@ def build_backbone(cfg: ModelConfig, load_weights: bool = True) -> tuple[nn.Modu
         if pretrained:
             _freeze(list(trunk.body)[:10])  # conv1, conv2 stay fixed as in py-faster-rcnn
         return trunk, head
-    if cfg.backbone == "resnet50":
+    if backbone == "resnet50":
         stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)
         trunk = Trunk(nn.Sequential(stem, model.layer1, model.layer2, model.layer3), 1024)
         if pretrained:
@@ -160,4 +170,4 @@ def build_backbone(cfg: ModelConfig, load_weights: bool = True) -> tuple[nn.Modu
         _freeze_batch_norm(body)
         _freeze(list(body)[:4])
     trunk = Trunk(body, 112)
-    return trunk, FcHead(112 * s * s, cfg.head_dim, dropout=0.0)
+    return trunk, FcHead(112 * s * s, head_dim, dropout=0.0)

@@ -1,11 +1,11 @@
 """IDNet: the joint net's identity branch applied to cropped person boxes (pretraining).
 
 The paper pretrains the trunk and fc layers as a classifier of cropped ground-truth and
-background boxes into C + 1 classes, then initialises the joint net from it. IDNet has the
-same modules under the same names as JointNet (``backbone``, ``roi_head``, ``embedding``,
+background boxes into C + 1 classes, then initialises the joint net from it. IDNet is a
+PersonNet like the joint net (the same ``backbone``, ``roi_head``, ``embedding``,
 ``reid_loss``), and pools the person's box inside each crop as one RoI, so the head sees
 exactly the pooled shape it sees in the joint net and the weights transfer by name. Crops
-span ``context`` times the box (psearch.data.crops explains why); ``context`` is a buffer,
+span ``context`` times the box (psearch.imaging explains why); ``context`` is a buffer,
 so a saved IDNet remembers it.
 """
 
@@ -14,36 +14,21 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from psearch.config import LossConfig, ModelConfig
-from psearch.data.crops import inner_box
 from psearch.errors import PsearchError
-from psearch.models.backbones import IMAGE_MEAN, IMAGE_STD, build_backbone
-from psearch.models.joint import JointNet, pool_rois
-from psearch.models.losses import build_reid_loss
+from psearch.imaging import IMAGE_MEAN, IMAGE_STD, inner_box
+from psearch.models.joint import DETECTOR_SETTINGS, JointNet
+from psearch.models.person_net import PersonNet
 
 TRANSFERRED_MODULES = ("backbone.", "roi_head.", "embedding.", "reid_loss.")
 
 
-class IDNet(nn.Module):
-    def __init__(
-        self,
-        cfg: ModelConfig,
-        loss_cfg: LossConfig,
-        num_classes: int,
-        load_weights: bool = True,
-        context: float = 1.0,
-    ) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.loss_cfg = loss_cfg
-        self.num_classes = num_classes
-        self.feat_dim = cfg.feat_dim
-        self.backbone, self.roi_head = build_backbone(cfg, load_weights=load_weights)
-        self.embedding = nn.Linear(self.roi_head.out_features, cfg.feat_dim)  # fc8
-        self.reid_loss = build_reid_loss(loss_cfg, num_classes, cfg.feat_dim)
+class IDNet(PersonNet):
+    """Crops -> features and identity loss; ``person_net`` takes PersonNet's keyword arguments."""
+
+    def __init__(self, num_classes: int, *, context: float = 1.0, **person_net: Any) -> None:
+        super().__init__(num_classes, **person_net)
+        self._add_identity_head()
         self.register_buffer("mean", torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGE_STD).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("crop_context", torch.tensor(float(context)))
@@ -54,12 +39,12 @@ class IDNet(nn.Module):
         return float(self.crop_context)
 
     def features(self, crops: torch.Tensor) -> torch.Tensor:
-        """[B, 3, h, w] crops (float 0..1, cut by data.crops) -> [B, D] L2-normalised features."""
+        """[B, 3, h, w] crops (float 0..1, cut by imaging.cut_crops) -> [B, D] L2-normalised."""
         height, width = crops.shape[-2:]
         feature_map = self.backbone((crops - self.mean) / self.std)
         person = crops.new_tensor([inner_box(height, width, self.context)])
-        pooled = pool_rois(feature_map, [person] * len(crops), (height, width), self.cfg)
-        return F.normalize(self.embedding(self.roi_head(pooled)).float(), dim=1)
+        pooled = self.pool(feature_map, [person] * len(crops), (height, width))
+        return self.embed(self.roi_head(pooled))
 
     def forward(self, crops: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Identity loss and accuracy; labels 0..C-1 identities, C background, -1 ignored."""
@@ -67,10 +52,16 @@ class IDNet(nn.Module):
         return {"loss_reid": loss, "acc_reid": acc.detach()}
 
 
-def build_idnet(
-    cfg: ModelConfig, loss_cfg: LossConfig, num_classes: int, context: float = 1.0
-) -> IDNet:
-    return IDNet(cfg, loss_cfg, num_classes, context=context)
+def build_idnet(num_classes: int, *, context: float = 1.0, **settings: Any) -> IDNet:
+    """An IDNet for ``num_classes`` labelled identities, cutting crops of ``context``.
+
+    ``settings`` are IDNet's keyword arguments; the joint net's detector settings
+    (DETECTOR_SETTINGS) may come along and are left out, so the same model params build both
+    networks (``**dataclasses.asdict(params.model)``) and older IDNet files, which stored
+    them, still load.
+    """
+    own = {name: value for name, value in settings.items() if name not in DETECTOR_SETTINGS}
+    return IDNet(num_classes, context=context, **own)
 
 
 def transfer_idnet_weights(joint: JointNet, idnet_state: dict[str, Any]) -> list[str]:

@@ -1,4 +1,4 @@
-"""The joint detection + identification network (Xiao et al., CVPR'17), from torchvision parts.
+"""The joint detection + identification network (Xiao et al. 2016), from torchvision parts.
 
 image -> GeneralizedRCNNTransform (resize, normalise, batch) -> trunk (stride 16)
       -> RegionProposalNetwork (512-channel 3x3 conv, 9 anchors per location)
@@ -8,11 +8,17 @@ image -> GeneralizedRCNNTransform (resize, normalise, batch) -> trunk (stride 16
 
 Proposals are detached (torchvision's RPN does so), so the re-id and detection losses of the
 RoI branch reach the shared trunk but never the proposal network's head.
+
+The network takes plain keyword arguments named as the ``model`` params (``build_joint_net(C,
+**dataclasses.asdict(params.model), loss=...)``); its test-time settings (image scale, proposal
+counts, score threshold, NMS, detections per image) are attributes that can be set afterwards.
 """
 
 from __future__ import annotations
 
-import math
+import inspect
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,16 +28,26 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import boxes as box_ops
-from torchvision.ops import roi_align, roi_pool
 
-from psearch.config import LossConfig, ModelConfig
-from psearch.models.backbones import IMAGE_MEAN, IMAGE_STD, build_backbone
-from psearch.models.losses import build_reid_loss
+from psearch.imaging import IMAGE_MEAN, IMAGE_STD
+from psearch.models.person_net import PersonNet
 
 # Fraction of foreground RoIs in a sampled mini-batch (py-faster-rcnn uses 0.25; person search
 # codebases 0.5, since every foreground RoI also trains the identity loss).
 ROI_POSITIVE_FRACTION = 0.5
 ROI_FG_IOU = 0.5
+# The test-time settings: attributes that can be set on a built net (extraction takes them
+# from the params, whatever the model was trained with).
+INFERENCE_SETTINGS = (
+    "min_size",
+    "max_size",
+    "rpn_pre_nms_top_n_test",
+    "rpn_post_nms_top_n_test",
+    "rpn_nms_thresh",
+    "box_score_thresh",
+    "box_nms_thresh",
+    "detections_per_img",
+)
 
 
 class RPNHead512(nn.Module):
@@ -52,68 +68,97 @@ class RPNHead512(nn.Module):
         return [self.cls_logits(h) for h in hidden], [self.bbox_pred(h) for h in hidden]
 
 
-def pool_rois(
-    feature_map: torch.Tensor,
-    boxes: list[torch.Tensor],
-    image_size: tuple[int, int],
-    cfg: ModelConfig,
-) -> torch.Tensor:
-    """RoI-pool ``boxes`` (pixels of the batched image of ``image_size``) to [N, C, s, s]."""
-    # The trunk's stride, as torchvision's MultiScaleRoIAlign infers it (a power of two).
-    scale = 2.0 ** round(math.log2(feature_map.shape[-1] / image_size[-1]))
-    # Pool in float32: the CPU kernels have no bf16/fp16 version (torchvision's CUDA autocast
-    # wrappers do the same cast); the fc layers after it run in the autocast dtype again.
-    feature_map = feature_map.float()
-    boxes = [b.float() for b in boxes]
-    if cfg.roi_op == "roi_align":
-        return roi_align(feature_map, boxes, cfg.roi_size, scale, sampling_ratio=2)
-    return roi_pool(feature_map, boxes, cfg.roi_size, scale)
+class _PartSetting:
+    """A net attribute that reads and writes one setting of a torchvision part: attribute
+    ``attr`` of submodule ``part``, or its entry ``key`` (torchvision's RPN keeps its proposal
+    counts in private {"training": n, "testing": n} dicts, with no public setter)."""
+
+    def __init__(self, part: str, attr: str, key: str | None = None) -> None:
+        self.part, self.attr, self.key = part, attr, key
+
+    def __get__(self, net: nn.Module | None, owner: type | None = None) -> Any:
+        if net is None:
+            return self
+        value = getattr(getattr(net, self.part), self.attr)
+        return value if self.key is None else value[self.key]
+
+    def __set__(self, net: nn.Module, value: Any) -> None:
+        holder = getattr(net, self.part)
+        if self.key is None:
+            setattr(holder, self.attr, value)
+        else:
+            getattr(holder, self.attr)[self.key] = value
 
 
-class JointNet(nn.Module):
-    """Detection + re-id in one network; see the module docstring for the layout."""
+class JointNet(PersonNet):
+    """Detection + re-id in one network; see the module docstring for the layout.
+
+    Keyword arguments are named as the ``model`` params; ``person_net`` takes PersonNet's
+    (backbone, backbone_weights, feat_dim, roi_op, roi_size, head_dim, loss, load_weights).
+    The INFERENCE_SETTINGS are attributes too: setting one changes what the next forward does.
+    """
 
     def __init__(
         self,
-        cfg: ModelConfig,
-        loss_cfg: LossConfig,
         num_classes: int,
-        load_weights: bool = True,
+        *,
+        anchor_sizes: Sequence[int] = (32, 64, 128),
+        anchor_ratios: Sequence[float] = (1.0, 2.0, 3.0),
+        rpn_pre_nms_top_n_train: int = 2000,
+        rpn_post_nms_top_n_train: int = 300,
+        rpn_pre_nms_top_n_test: int = 1000,
+        rpn_post_nms_top_n_test: int = 100,
+        rpn_nms_thresh: float = 0.7,
+        rpn_batch_size_per_image: int = 256,
+        roi_batch_size_per_image: int = 128,
+        box_score_thresh: float = 0.05,
+        box_nms_thresh: float = 0.4,
+        detections_per_img: int = 100,
+        min_size: int = 288,
+        max_size: int = 480,
+        **person_net: Any,
     ) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.loss_cfg = loss_cfg
-        self.num_classes = num_classes
-        self.feat_dim = cfg.feat_dim
+        super().__init__(num_classes, **person_net)
+        self._detector_settings = {
+            "anchor_sizes": list(anchor_sizes),
+            "anchor_ratios": list(anchor_ratios),
+            "rpn_pre_nms_top_n_train": rpn_pre_nms_top_n_train,
+            "rpn_post_nms_top_n_train": rpn_post_nms_top_n_train,
+            "rpn_pre_nms_top_n_test": rpn_pre_nms_top_n_test,
+            "rpn_post_nms_top_n_test": rpn_post_nms_top_n_test,
+            "rpn_nms_thresh": rpn_nms_thresh,
+            "rpn_batch_size_per_image": rpn_batch_size_per_image,
+            "roi_batch_size_per_image": roi_batch_size_per_image,
+            "box_score_thresh": box_score_thresh,
+            "box_nms_thresh": box_nms_thresh,
+            "detections_per_img": detections_per_img,
+            "min_size": min_size,
+            "max_size": max_size,
+        }
         self.transform = GeneralizedRCNNTransform(
-            cfg.min_size, cfg.max_size, IMAGE_MEAN, IMAGE_STD, size_divisible=32
+            min_size, max_size, IMAGE_MEAN, IMAGE_STD, size_divisible=32
         )
-        self.backbone, self.roi_head = build_backbone(cfg, load_weights=load_weights)
         anchors = AnchorGenerator(
-            sizes=(tuple(cfg.anchor_sizes),), aspect_ratios=(tuple(cfg.anchor_ratios),)
+            sizes=(tuple(anchor_sizes),), aspect_ratios=(tuple(anchor_ratios),)
         )
         self.rpn = RegionProposalNetwork(
             anchors,
             RPNHead512(self.backbone.out_channels, anchors.num_anchors_per_location()[0]),
             fg_iou_thresh=0.7,
             bg_iou_thresh=0.3,
-            batch_size_per_image=cfg.rpn_batch_size_per_image,
+            batch_size_per_image=rpn_batch_size_per_image,
             positive_fraction=0.5,
-            pre_nms_top_n={
-                "training": cfg.rpn_pre_nms_top_n_train,
-                "testing": cfg.rpn_pre_nms_top_n_test,
-            },
+            pre_nms_top_n={"training": rpn_pre_nms_top_n_train, "testing": rpn_pre_nms_top_n_test},
             post_nms_top_n={
-                "training": cfg.rpn_post_nms_top_n_train,
-                "testing": cfg.rpn_post_nms_top_n_test,
+                "training": rpn_post_nms_top_n_train,
+                "testing": rpn_post_nms_top_n_test,
             },
-            nms_thresh=cfg.rpn_nms_thresh,
+            nms_thresh=rpn_nms_thresh,
         )
         width = self.roi_head.out_features
         self.det_score = nn.Linear(width, 2)  # background, person
         self.box_regressor = nn.Linear(width, 4)  # class-agnostic: one foreground class
-        self.embedding = nn.Linear(width, cfg.feat_dim)  # fc8
-        self.reid_loss = build_reid_loss(loss_cfg, num_classes, cfg.feat_dim)
+        self._add_identity_head()
         nn.init.normal_(self.det_score.weight, std=0.01)
         nn.init.normal_(self.box_regressor.weight, std=0.001)
         for layer in (self.det_score, self.box_regressor):
@@ -121,19 +166,52 @@ class JointNet(nn.Module):
         self.box_coder = det_utils.BoxCoder((10.0, 10.0, 5.0, 5.0))
         self.matcher = det_utils.Matcher(ROI_FG_IOU, ROI_FG_IOU, allow_low_quality_matches=False)
         self.sampler = det_utils.BalancedPositiveNegativeSampler(
-            cfg.roi_batch_size_per_image, ROI_POSITIVE_FRACTION
+            roi_batch_size_per_image, ROI_POSITIVE_FRACTION
         )
+        self.box_score_thresh = box_score_thresh
+        self.box_nms_thresh = box_nms_thresh
+        self.detections_per_img = detections_per_img
+
+    # ------------------------------------------------------------------ settings
+
+    # The test-time settings torchvision's parts hold: the transform's image scale (a tuple
+    # of sizes to pick from in training; one here) and the RPN's proposal counts and NMS.
+    @property
+    def min_size(self) -> int:
+        return self.transform.min_size[-1]
+
+    @min_size.setter
+    def min_size(self, value: int) -> None:
+        self.transform.min_size = (value,)
+
+    max_size = _PartSetting("transform", "max_size")
+    rpn_pre_nms_top_n_test = _PartSetting("rpn", "_pre_nms_top_n", "testing")
+    rpn_post_nms_top_n_test = _PartSetting("rpn", "_post_nms_top_n", "testing")
+    rpn_nms_thresh = _PartSetting("rpn", "nms_thresh")
+
+    def set_inference_settings(self, **settings: Any) -> None:
+        """Set test-time settings by name (any of INFERENCE_SETTINGS)."""
+        unknown = sorted(set(settings) - set(INFERENCE_SETTINGS))
+        if unknown:
+            raise TypeError(f"set_inference_settings: {unknown[0]!r} is not an inference setting")
+        for name, value in settings.items():
+            setattr(self, name, value)
+
+    @property
+    def model_settings(self) -> dict[str, Any]:
+        """The network's keyword arguments, with the inference settings as they are now."""
+        detector = {
+            name: getattr(self, name) if name in INFERENCE_SETTINGS else value
+            for name, value in self._detector_settings.items()
+        }
+        return {**super().model_settings, **detector}
 
     # ------------------------------------------------------------------ shared pieces
 
     def _fc7(
         self, feature_map: torch.Tensor, boxes: list[torch.Tensor], image_size: tuple[int, int]
     ) -> torch.Tensor:
-        return self.roi_head(pool_rois(feature_map, boxes, image_size, self.cfg))
-
-    def embed(self, fc7: torch.Tensor) -> torch.Tensor:
-        """fc8 + L2 normalisation (computed in float32 so bf16 autocast keeps unit norms)."""
-        return F.normalize(self.embedding(fc7).float(), dim=1)
+        return self.roi_head(self.pool(feature_map, boxes, image_size))
 
     def box_features(
         self, feature_map: torch.Tensor, boxes: list[torch.Tensor], image_size: tuple[int, int]
@@ -254,10 +332,10 @@ class JointNet(nn.Module):
             strict=True,
         ):
             b = box_ops.clip_boxes_to_image(props_boxes, size)
-            keep = torch.where(props_scores >= self.cfg.box_score_thresh)[0]
+            keep = torch.where(props_scores >= self.box_score_thresh)[0]
             keep = keep[box_ops.remove_small_boxes(b[keep], min_size=1e-2)]
             b, s = b[keep], props_scores[keep]
-            keep = box_ops.nms(b, s, self.cfg.box_nms_thresh)[: self.cfg.detections_per_img]
+            keep = box_ops.nms(b, s, self.box_nms_thresh)[: self.detections_per_img]
             final_boxes.append((b[keep], s[keep]))
         # Features are pooled on the final (regressed) boxes, as for query boxes, so gallery
         # and query features come from the same computation.
@@ -269,6 +347,18 @@ class JointNet(nn.Module):
         ]
 
 
-def build_joint_net(cfg: ModelConfig, loss_cfg: LossConfig, num_classes: int) -> JointNet:
-    """A JointNet for ``num_classes`` labelled identities (ids 0..C-1, background C)."""
-    return JointNet(cfg, loss_cfg, num_classes)
+# The keyword arguments only the joint net has (IDNet has no detector), in the params' order.
+DETECTOR_SETTINGS = tuple(
+    name
+    for name, parameter in inspect.signature(JointNet).parameters.items()
+    if parameter.kind is inspect.Parameter.KEYWORD_ONLY
+)
+
+
+def build_joint_net(num_classes: int, **settings: Any) -> JointNet:
+    """A JointNet for ``num_classes`` labelled identities (ids 0..C-1, background C).
+
+    ``settings`` are JointNet's keyword arguments, e.g. ``**dataclasses.asdict(params.model)``
+    and ``loss=dataclasses.asdict(params.train.loss)``.
+    """
+    return JointNet(num_classes, **settings)

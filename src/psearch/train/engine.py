@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import time
 import warnings
 from collections import defaultdict
@@ -19,12 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from psearch.config import TrainLoopConfig
 from psearch.data.loaders import EpochSampler, make_loader
 from psearch.errors import PsearchError
 from psearch.train import checkpoint as ckpt
@@ -67,7 +70,7 @@ def lr_factor(step: int, warmup_iters: int, lr_step: int) -> float:
     return factor
 
 
-def build_optimizer(model: nn.Module, cfg) -> torch.optim.SGD:
+def build_optimizer(model: nn.Module, cfg: TrainLoopConfig) -> torch.optim.SGD:
     """SGD; no weight decay on biases and norm layers, as detection codebases do."""
     decay, no_decay = [], []
     for param in model.parameters():
@@ -96,24 +99,20 @@ def _install_oim_sync(model: nn.Module, ctx: DistContext) -> None:
 
 
 def seed_everything(seed: int) -> None:
-    import random
-
-    import numpy as np
-
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
 class Engine:
-    """Trains `model` on `dataset` with the optimisation settings of a params section."""
+    """Trains `model` on `dataset` with the loop settings of the `pretrain` or `train` section."""
 
     def __init__(
         self,
         model: nn.Module,
         dataset: Dataset,
         forward: ForwardFn,
-        cfg,
+        cfg: TrainLoopConfig,
         ckpt_dir: Path | None,
         fingerprint: str,
         collate_fn=None,
@@ -154,7 +153,7 @@ class Engine:
         if self.steps_per_epoch == 0:
             raise PsearchError(f"{desc}: the training set is empty")
         self.total_steps = cfg.epochs * self.steps_per_epoch
-        if getattr(cfg, "max_steps", 0) > 0:
+        if cfg.max_steps > 0:
             self.total_steps = min(self.total_steps, cfg.max_steps)
         self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -327,16 +326,9 @@ class Engine:
         seed_everything(self.cfg.seed + 1000 * self.ctx.rank + 1)
         if resume:
             self.try_resume()
-        if self.ctx.distributed:
-            _install_oim_sync(self.model, self.ctx)
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = DistributedDataParallel(self.model, device_ids=ids)
+        self._wrap_for_ddp()
         self.model.train()
-        every = max(1, getattr(self.cfg, "log_every", 10))
-        window: dict[str, list[float]] = defaultdict(list)
-        epoch_sums: dict[str, list[float]] = defaultdict(list)
-        window_images, window_start = 0, time.perf_counter()
-        started, images_seen = time.perf_counter(), 0
+        meter = _Meter()
         bar = tqdm(
             total=self.total_steps,
             initial=self.step,
@@ -347,55 +339,92 @@ class Engine:
         )
         epoch, position = divmod(self.step, self.steps_per_epoch)
         while self.step < self.total_steps:
-            self.sampler.set_position(epoch, position * self.cfg.batch_size)
-            loader = make_loader(
-                self.dataset,
-                self.sampler,
-                self.cfg.batch_size,
-                self.cfg.num_workers,
-                seed=self.cfg.seed,
-                collate_fn=self.collate_fn,
-                pin_memory=self.device.type == "cuda",
-            )
-            epoch_sums.clear()
-            for batch in loader:
-                values, images = self._train_step(batch)
-                self.step += 1
-                images *= self.ctx.world_size
-                images_seen += images
-                window_images += images
-                for key, value in values.items():
-                    window[key].append(value)
-                    epoch_sums[key].append(value)
-                if self.step % every == 0 or self.step == self.total_steps:
-                    elapsed = max(time.perf_counter() - window_start, 1e-9)
-                    metrics = {k: sum(v) / len(v) for k, v in window.items()}
-                    metrics["lr"] = self.optimizer.param_groups[0]["lr"]
-                    metrics["images_per_s"] = window_images / elapsed
-                    if self.log_metrics is not None:
-                        self.log_metrics(metrics, self.step)
-                    bar.set_postfix(
-                        loss=f"{metrics['loss']:.3f}", img_s=f"{metrics['images_per_s']:.1f}"
-                    )
-                    window.clear()
-                    window_images, window_start = 0, time.perf_counter()
-                bar.update(1)
-                every_ckpt = self.cfg.checkpoint_every
-                if self.ckpt_dir is not None and every_ckpt > 0 and self.step % every_ckpt == 0:
-                    self.save()
-                if self.step >= self.total_steps:
-                    break
+            self._train_epoch(epoch, position, meter, bar)
             epoch, position = epoch + 1, 0
         bar.close()
         self.recalibrate_batch_norm()
-        seconds = time.perf_counter() - started
+        seconds = time.perf_counter() - meter.started
         self._check_replicas_agree()
-        final = {k: sum(v) / len(v) for k, v in epoch_sums.items()}
         self.model = self._bare_model()
         return FitResult(
             steps=self.step,
             resumed_from=self.resumed_from,
             seconds=seconds,
-            images_per_second=images_seen / seconds if seconds > 0 else math.nan,
-            metrics=final,
+            images_per_second=meter.images_seen / seconds if seconds > 0 else math.nan,
+            metrics=meter.epoch_means(),
         )
+
+    def _wrap_for_ddp(self) -> None:
+        if self.ctx.distributed:
+            _install_oim_sync(self.model, self.ctx)
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = DistributedDataParallel(self.model, device_ids=ids)
+
+    def _train_epoch(self, epoch: int, position: int, meter: _Meter, bar: tqdm) -> None:
+        """Steps of `epoch` from batch `position` on, until the epoch or the run ends."""
+        self.sampler.set_position(epoch, position * self.cfg.batch_size)
+        loader = make_loader(
+            self.dataset,
+            self.sampler,
+            self.cfg.batch_size,
+            self.cfg.num_workers,
+            seed=self.cfg.seed,
+            collate_fn=self.collate_fn,
+            pin_memory=self.device.type == "cuda",
+        )
+        meter.new_epoch()
+        for batch in loader:
+            values, images = self._train_step(batch)
+            self.step += 1
+            meter.add(values, images * self.ctx.world_size)
+            if self.step % max(1, self.cfg.log_every) == 0 or self.step == self.total_steps:
+                self._report(meter, bar)
+                meter.new_window()
+            bar.update(1)
+            every_ckpt = self.cfg.checkpoint_every
+            if self.ckpt_dir is not None and every_ckpt > 0 and self.step % every_ckpt == 0:
+                self.save()
+            if self.step >= self.total_steps:
+                break
+
+    def _report(self, meter: _Meter, bar: tqdm) -> None:
+        """The log window's means, the lr and images/s: to MLflow and the progress bar."""
+        metrics = meter.window_means()
+        metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+        metrics["images_per_s"] = meter.window_images_per_second()
+        if self.log_metrics is not None:
+            self.log_metrics(metrics, self.step)
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}", img_s=f"{metrics['images_per_s']:.1f}")
+
+
+class _Meter:
+    """Per-step values averaged over the log window and over the epoch, and images/s."""
+
+    def __init__(self) -> None:
+        self.window: dict[str, list[float]] = defaultdict(list)
+        self.epoch: dict[str, list[float]] = defaultdict(list)
+        self.new_window()
+        self.started, self.images_seen = time.perf_counter(), 0
+
+    def new_window(self) -> None:
+        self.window.clear()
+        self.window_images, self.window_start = 0, time.perf_counter()
+
+    def new_epoch(self) -> None:
+        self.epoch.clear()
+
+    def add(self, values: dict[str, float], images: int) -> None:
+        self.images_seen += images
+        self.window_images += images
+        for key, value in values.items():
+            self.window[key].append(value)
+            self.epoch[key].append(value)
+
+    def window_means(self) -> dict[str, float]:
+        return {k: sum(v) / len(v) for k, v in self.window.items()}
+
+    def window_images_per_second(self) -> float:
+        return self.window_images / max(time.perf_counter() - self.window_start, 1e-9)
+
+    def epoch_means(self) -> dict[str, float]:
+        return {k: sum(v) / len(v) for k, v in self.epoch.items()}

@@ -9,26 +9,23 @@ from an IDNet (`--init`, see pretrain.py) and use the RSS loss.
 from __future__ import annotations
 
 import hashlib
-import logging
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from psearch.config import Params, to_dict
-from psearch.data.loaders import SceneDataset, list_collate, num_train_identities
-from psearch.data.manifest import read_manifests
+from psearch.config import Params, TrainConfig, to_dict
+from psearch.data.loaders import SceneDataset, list_collate
+from psearch.data.manifest import Manifests
 from psearch.errors import PsearchError
-from psearch.tracking import data_version
-from psearch.train import checkpoint as ckpt
-from psearch.train.distributed import barrier, cleanup, dist_context
-from psearch.train.engine import Engine, seed_everything
-from psearch.train.runner import metrics_logger, model_meta, summary, tracked_run, write_output
+from psearch.models.idnet import transfer_idnet_weights
+from psearch.models.joint import JointNet, build_joint_net
+from psearch.train.pretrain import IDNET_FILE
+from psearch.train.runner import TrainingStage
 
-log = logging.getLogger(__name__)
+MODEL_FILE = "model.pt"
 BN_BATCHES = 32  # batches of scenes that recompute BatchNorm statistics after training
-IDNET_FILE = "idnet.pt"
 
 
 def forward_scenes(model, batch, device: torch.device):
@@ -41,6 +38,65 @@ def forward_scenes(model, batch, device: torch.device):
 def infer_scenes(model, batch, device: torch.device) -> None:
     """The inference pass (for BatchNorm recalibration)."""
     model([image.to(device, non_blocking=True) for image in batch[0]])
+
+
+class JointTraining(TrainingStage):
+    """The joint net on scene images, from an IDNet's weights when `init` names one.
+
+    `JointTraining(params, init).run(manifests, out)` writes `out/model.pt` and `out/run.json`;
+    `init` is an idnet.pt file or the pretrain stage's output directory.
+    """
+
+    name = "train"
+    model_file = MODEL_FILE
+    forward = staticmethod(forward_scenes)
+    infer = staticmethod(infer_scenes)
+    bn_batches = BN_BATCHES
+    collate_fn = staticmethod(list_collate)
+    cfg: TrainConfig
+
+    def __init__(self, params: Params, init: Path | None = None) -> None:
+        super().__init__(params)
+        self.init = resolve_init(init) if init is not None else None
+        self.transferred: list[str] = []  # the model's keys copied from the IDNet
+
+    def build_dataset(self, tables: Manifests, num_classes: int) -> SceneDataset:
+        return SceneDataset(tables, num_classes, "train", hflip=self.cfg.hflip, seed=self.cfg.seed)
+
+    def build_model(self, num_classes: int) -> JointNet:
+        model = build_joint_net(
+            num_classes, loss=to_dict(self.cfg.loss), **to_dict(self.params.model)
+        )
+        if self.init is not None:
+            self.transferred = transfer_idnet_weights(model, load_idnet_state(self.init))
+        elif self.cfg.loss.reid_loss != "oim":
+            warnings.warn(
+                "train: no --init given; the paper found joint training from a generic "
+                "initialisation converges poorly with sparse identity labels (run pretrain first)",
+                stacklevel=3,  # the caller of run()
+            )
+        return model
+
+    def fingerprint_sections(self) -> dict[str, Any]:
+        return {"model": to_dict(self.params.model), "train": to_dict(self.cfg)}
+
+    def fingerprint_extra(self) -> str:
+        return file_digest(self.init) if self.init is not None else ""
+
+    def run_info(self, dataset: SceneDataset, num_classes: int) -> dict[str, Any]:
+        return {
+            "train_images": len(dataset),
+            "init": str(self.init) if self.init is not None else None,
+            "init_transferred_keys": len(self.transferred),
+        }
+
+    def log_to_run(self) -> None:
+        import mlflow  # lazy: seconds to import; only a tracked run needs it
+
+        mlflow.set_tag("psearch.init", str(self.init) if self.init is not None else "none")
+        mlflow.log_param("init.transferred_keys", len(self.transferred))
+        if self.transferred:
+            mlflow.log_text("\n".join(self.transferred) + "\n", "init/transferred_keys.txt")
 
 
 def resolve_init(init: Path) -> Path:
@@ -67,88 +123,3 @@ def load_idnet_state(path: Path) -> dict[str, Any]:
     except Exception as exc:  # torch raises many kinds for a corrupt or foreign file
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PsearchError(f"{path}: not a readable IDNet file ({first[:200]})") from None
-
-
-def train(
-    manifests: Path,
-    out: Path,
-    params: Params,
-    init: Path | None = None,
-    resume: bool = False,
-) -> dict[str, Any]:
-    """Train the joint net; write `out/model.pt`, `out/run.json` and log the model to MLflow."""
-    from psearch.models.idnet import transfer_idnet_weights
-    from psearch.models.joint import build_joint_net
-
-    cfg = params.train
-    ctx = dist_context()
-    init_path = resolve_init(init) if init is not None else None
-    tables = read_manifests(manifests)
-    num_classes = num_train_identities(tables)
-    dataset = SceneDataset(tables, num_classes, "train", hflip=cfg.hflip, seed=cfg.seed)
-    seed_everything(cfg.seed)  # the same initial weights on every rank and every run
-    model = build_joint_net(params.model, cfg.loss, num_classes)
-    transferred: list[str] = []
-    if init_path is not None:
-        transferred = transfer_idnet_weights(model, load_idnet_state(init_path))
-    elif cfg.loss.reid_loss != "oim":
-        warnings.warn(
-            "train: no --init given; the paper found joint training from a generic "
-            "initialisation converges poorly with sparse identity labels (run pretrain first)",
-            stacklevel=2,
-        )
-    fingerprint = ckpt.fingerprint(
-        "train",
-        {"model": to_dict(params.model), "train": to_dict(cfg)},
-        data_version(manifests),
-        extra=file_digest(init_path) if init_path is not None else "",
-    )
-    try:
-        with tracked_run("train", params, manifests, cfg.seed, ctx) as run:
-            if run is not None:
-                _log_init(init_path, transferred)
-            engine = Engine(
-                model,
-                dataset,
-                forward_scenes,
-                cfg,
-                ckpt.checkpoint_dir(out),
-                fingerprint,
-                collate_fn=list_collate,
-                log_metrics=metrics_logger(run),
-                desc="train",
-                bn_forward=infer_scenes,
-                bn_batches=BN_BATCHES,
-            )
-            result = engine.fit(resume=resume)
-            info: dict[str, Any] = {}
-            if ctx.is_main:
-                extra = {
-                    "num_classes": num_classes,
-                    "train_images": len(dataset),
-                    "init": str(init_path) if init_path is not None else None,
-                    "init_transferred_keys": len(transferred),
-                }
-                info = write_output(
-                    out,
-                    "model.pt",
-                    engine.model,
-                    model_meta("train", params, num_classes, result),
-                    run,
-                    summary(result),
-                    extra,
-                )
-                log.info("train: %s", info)
-            barrier(ctx)
-    finally:
-        cleanup(ctx)
-    return info
-
-
-def _log_init(init_path: Path | None, transferred: list[str]) -> None:
-    import mlflow
-
-    mlflow.set_tag("psearch.init", str(init_path) if init_path is not None else "none")
-    mlflow.log_param("init.transferred_keys", len(transferred))
-    if transferred:
-        mlflow.log_text("\n".join(transferred) + "\n", "init/transferred_keys.txt")

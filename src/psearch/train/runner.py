@@ -1,5 +1,11 @@
-"""What pretrain and joint training share around the engine: the MLflow run, the
-checkpoint fingerprint, and writing the output directory (model file + run.json)."""
+"""One training stage around the engine, shared by IDNet pretraining and joint training.
+
+A stage (pretrain.py, joint.py) subclasses `TrainingStage` with what differs: its dataset,
+network, forward passes and the extras it records. `TrainingStage.run` does everything
+else the same way for both: reading the manifests, seeding the initial weights, the
+checkpoint fingerprint, the stage's MLflow run (rank 0), the engine, and on rank 0 the
+output directory (model file + run.json, atomically) with its metrics and logged model.
+"""
 
 from __future__ import annotations
 
@@ -7,18 +13,138 @@ import contextlib
 import json
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from torch import nn
+from torch.utils.data import Dataset
 
 from psearch.atomic import atomic_dir
-from psearch.config import Params, to_dict
-from psearch.train.distributed import DistContext
-from psearch.train.engine import FitResult, MetricsFn
+from psearch.config import Params, TrainLoopConfig, to_dict
+from psearch.data.loaders import num_train_identities
+from psearch.data.manifest import Manifests, read_manifests
+from psearch.models.io import save_model
+from psearch.tracking import data_version, stage_run
+from psearch.train import checkpoint as ckpt
+from psearch.train.distributed import DistContext, barrier, cleanup, dist_context
+from psearch.train.engine import Engine, FitResult, ForwardFn, MetricsFn, seed_everything
 
 log = logging.getLogger(__name__)
+
+# (model file, artifact name) -> (runs:/ URI, models:/ URI) of the model logged to the active
+# MLflow run. The stage function passes psearch.serving's in: train sits below serving.
+ModelLogger = Callable[[Path, str], tuple[str, str]]
+
+
+class TrainingStage:
+    """A training stage: subclasses set the class attributes and the methods marked so."""
+
+    name: str  # "pretrain" | "train": the params section, MLflow run, progress bar, fingerprint
+    model_file: str  # written into the output directory
+    forward: ForwardFn  # the training pass (a staticmethod)
+    infer: ForwardFn  # the inference pass that recomputes BatchNorm statistics after training
+    bn_batches: int  # batches of `infer` for that
+    collate_fn: Callable | None = None
+
+    def __init__(self, params: Params) -> None:
+        self.params = params
+        self.cfg: TrainLoopConfig = getattr(params, self.name)
+
+    # ------------------------------------------------------------ what each stage defines
+
+    def build_dataset(self, tables: Manifests, num_classes: int) -> Dataset:
+        raise NotImplementedError
+
+    def build_model(self, num_classes: int) -> nn.Module:
+        """The network to train (the global RNG is seeded just before: same weights each run)."""
+        raise NotImplementedError
+
+    def fingerprint_sections(self) -> dict[str, Any]:
+        """The params sections that shape the training trajectory (see checkpoint.fingerprint)."""
+        raise NotImplementedError
+
+    def fingerprint_extra(self) -> str:
+        """Anything else that shapes it (the init weights, say)."""
+        return ""
+
+    def model_meta(self) -> dict[str, Any]:
+        """Added to the model file's meta."""
+        return {}
+
+    def run_info(self, dataset: Dataset, num_classes: int) -> dict[str, Any]:
+        """Added to run.json after num_classes."""
+        return {}
+
+    def log_to_run(self) -> None:
+        """Stage-specific details for the active MLflow run."""
+
+    # ------------------------------------------------------------ the same for every stage
+
+    def run(
+        self, manifests: Path, out: Path, resume: bool = False, log_model: ModelLogger | None = None
+    ) -> dict[str, Any]:
+        """Train; on rank 0 write `out/<model_file>` and `out/run.json` and return what run.json
+        holds (empty on other ranks). `log_model` None: the model is not logged to MLflow."""
+        ctx = dist_context()
+        tables = read_manifests(manifests)
+        num_classes = num_train_identities(tables)
+        dataset = self.build_dataset(tables, num_classes)
+        seed_everything(self.cfg.seed)  # the same initial weights on every rank and every run
+        model = self.build_model(num_classes)
+        fingerprint = ckpt.fingerprint(
+            self.name,
+            self.fingerprint_sections(),
+            data_version(manifests),
+            self.fingerprint_extra(),
+        )
+        try:
+            with tracked_run(self.name, self.params, manifests, self.cfg.seed, ctx) as run:
+                if run is not None:
+                    self.log_to_run()
+                engine = Engine(
+                    model,
+                    dataset,
+                    self.forward,
+                    self.cfg,
+                    ckpt.checkpoint_dir(out),
+                    fingerprint,
+                    collate_fn=self.collate_fn,
+                    log_metrics=metrics_logger(run),
+                    desc=self.name,
+                    bn_forward=self.infer,
+                    bn_batches=self.bn_batches,
+                )
+                result = engine.fit(resume=resume)
+                info: dict[str, Any] = {}
+                if ctx.is_main:
+                    meta = {**self._meta(num_classes, result), **self.model_meta()}
+                    extra = {"num_classes": num_classes, **self.run_info(dataset, num_classes)}
+                    info = write_output(
+                        out,
+                        self.model_file,
+                        engine.model,
+                        meta,
+                        run,
+                        summary(result),
+                        extra,
+                        log_model,
+                    )
+                    log.info("%s: %s", self.name, info)
+                barrier(ctx)
+        finally:
+            cleanup(ctx)
+        return info
+
+    def _meta(self, num_classes: int, result: FitResult) -> dict[str, Any]:
+        return {
+            "stage": self.name,
+            "num_classes": num_classes,
+            "steps": result.steps,
+            "seed": self.cfg.seed,
+            "model": to_dict(self.params.model),
+            "loss": to_dict(self.params.train.loss),
+        }
 
 
 @contextlib.contextmanager
@@ -29,11 +155,9 @@ def tracked_run(
     if not ctx.is_main:
         yield None
         return
-    from psearch.tracking import stage_run
-
     with stage_run(stage, params, manifests, seed=seed) as run:
         if run is not None:
-            import mlflow
+            import mlflow  # lazy: seconds to import; only a tracked run needs it
 
             mlflow.set_tag("psearch.world_size", str(ctx.world_size))
         yield run
@@ -43,7 +167,7 @@ def metrics_logger(run) -> MetricsFn | None:
     """Per-step metrics (losses, lr, images/s) into the active MLflow run."""
     if run is None:
         return None
-    import mlflow
+    import mlflow  # lazy: seconds to import; only a tracked run needs it
 
     def log_metrics(metrics: dict[str, float], step: int) -> None:
         finite = {k: v for k, v in metrics.items() if math.isfinite(v)}
@@ -70,30 +194,20 @@ def write_output(
     run,
     metrics: dict[str, float],
     extra: dict[str, Any],
+    log_model: ModelLogger | None = None,
 ) -> dict[str, Any]:
-    """Write `out/<file_name>` and `out/run.json` atomically; log metrics and the model."""
-    from psearch.models.io import log_model, save_model
-
+    """Write `out/<file_name>` and `out/run.json` atomically; in an MLflow run, log the
+    metrics and (with `log_model`) the model. Returns what run.json holds."""
     info: dict[str, Any] = {"run_id": run.info.run_id if run is not None else None}
     with atomic_dir(out) as tmp:
         save_model(tmp / file_name, model, meta)
         if run is not None:
-            import mlflow
+            import mlflow  # lazy: seconds to import; only a tracked run needs it
 
             mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
-            info["model_uri"], info["logged_model_uri"] = log_model(tmp / file_name, "model")
+            if log_model is not None:
+                info["model_uri"], info["logged_model_uri"] = log_model(tmp / file_name, "model")
         info.update(extra)
         info.update(metrics)
         (tmp / "run.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
-
-
-def model_meta(stage: str, params: Params, num_classes: int, result: FitResult) -> dict[str, Any]:
-    return {
-        "stage": stage,
-        "num_classes": num_classes,
-        "steps": result.steps,
-        "seed": getattr(params, stage if stage == "pretrain" else "train").seed,
-        "model": to_dict(params.model),
-        "loss": to_dict(params.train.loss),
-    }

@@ -1,0 +1,106 @@
+"""What every `psearch` subcommand shares: the common options (--params, --set, --debug),
+the output option, adding a subcommand, reading the params, flags that override a params
+section, printing a JSON summary, and the error contract (one line `error: ...`, exit 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+from psearch.config import Params, load_params
+from psearch.errors import PsearchError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def common_parser() -> argparse.ArgumentParser:
+    """Options every stage subcommand takes (used as an argparse parent)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--params",
+        metavar="FILE",
+        default=None,
+        help="params file (default: ./params.yaml when present, else built-in defaults)",
+    )
+    common.add_argument(
+        "--set",
+        dest="overrides",
+        metavar="SECTION.KEY=VALUE",
+        action="append",
+        default=[],
+        help="override one parameter (repeatable), e.g. --set train.lr=0.01",
+    )
+    common.add_argument("--debug", action="store_true", help="show tracebacks")
+    return common
+
+
+def add_command(
+    subparsers, common: argparse.ArgumentParser, name: str, run: Handler, **texts: str
+) -> argparse.ArgumentParser:
+    """Subcommand `name` with the common options, run by `run`. Its help and description
+    (`texts`, when not given) are `run`'s docstring: the first paragraph for `psearch --help`,
+    the rest for `psearch NAME --help`, each on one line (argparse refills them)."""
+    summary, _, description = (run.__doc__ or "").partition("\n\n")
+    from_doc = {"help": " ".join(summary.split()), "description": " ".join(description.split())}
+    texts = {**{key: text for key, text in from_doc.items() if text}, **texts}
+    parser = subparsers.add_parser(name, parents=[common], **texts)
+    parser.set_defaults(func=run)
+    return parser
+
+
+def add_manifests(parser: argparse.ArgumentParser) -> None:
+    """--manifests DIR: the manifests directory psearch ingest wrote."""
+    parser.add_argument(
+        "--manifests", required=True, metavar="DIR", help="output of psearch ingest"
+    )
+
+
+def add_out(
+    parser: argparse.ArgumentParser, metavar: str, help: str, required: bool = True, **kwargs: Any
+) -> None:
+    """--out: where the command writes (a directory or a file, named by `metavar`)."""
+    parser.add_argument("--out", required=required, metavar=metavar, help=help, **kwargs)
+
+
+def load_params_from_args(args: argparse.Namespace) -> Params:
+    """The validated Params for a parsed command line (params file + --set)."""
+    return load_params(getattr(args, "params", None), getattr(args, "overrides", []))
+
+
+def with_flags(section: Any, **flags: Any) -> Any:
+    """A params section with each flag given on the command line (not None) put in."""
+    return dataclasses.replace(section, **{k: v for k, v in flags.items() if v is not None})
+
+
+def print_summary(info: dict[str, Any]) -> None:
+    """A stage's summary as indented JSON on stdout (nothing when empty: torchrun's other ranks)."""
+    if info:
+        print(json.dumps(info, indent=2, default=str), file=sys.stdout)
+
+
+def run_handler(
+    args: argparse.Namespace, around: AbstractContextManager[Any] = nullcontext()
+) -> int:
+    """Run the parsed command inside `around`; a PsearchError becomes one line `error: ...`
+    and its exit code (--debug or PSEARCH_DEBUG=1: the traceback instead)."""
+    debug = args.debug or os.environ.get("PSEARCH_DEBUG") == "1"
+    try:
+        with around:  # an error leaves `around` by the exception, before it is reported
+            result = args.func(args)
+    except PsearchError as exc:
+        if debug:
+            raise
+        message = " ".join(str(exc).split())
+        print(f"error: {message}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)

@@ -1,0 +1,196 @@
+"""`psearch extract`, `extract-merge`, `report` and `search`: running a trained model.
+
+extract and extract-merge run their stages (psearch.stages: torch, imported by the handler);
+psearch.inference's report and search modules are light to import (search loads torch only
+when it runs a model), so they are imported here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from psearch.cli.common import (
+    add_command,
+    add_manifests,
+    add_out,
+    load_params_from_args,
+    print_summary,
+)
+from psearch.inference.report import report
+from psearch.inference.search import format_matches, parse_box, search
+from psearch.inference.shards import parse_shard
+
+
+def add_commands(subparsers, common: argparse.ArgumentParser) -> None:
+    _add_extract(subparsers, common)
+    p = add_command(subparsers, common, "extract-merge", _merge)
+    add_out(p, "DETS", "output directory")
+    p.add_argument(
+        "parts", nargs="*", metavar="PART", help="part directories (default: DETS/part-*-of-*)"
+    )
+
+    p = add_command(subparsers, common, "report", _report)
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="output of psearch evaluate")
+    add_out(p, "FILE", "write the report here only", required=False)
+    _add_search(subparsers, common)
+
+
+def _add_extract(subparsers, common: argparse.ArgumentParser) -> None:
+    p = add_command(subparsers, common, "extract", _extract)
+    add_manifests(p)
+    p.add_argument(
+        "--model",
+        required=True,
+        metavar="MODEL",
+        help="joint model: model.pt, its directory, or an MLflow URI (runs:/ID/model, "
+        "models:/person-search@champion)",
+    )
+    add_out(p, "DETS", "output directory")
+    p.add_argument(
+        "--shard",
+        metavar="I/N",
+        default=None,
+        help="process every N-th test image (and query image) from the I-th; writes "
+        "DETS/part-00I-of-00N/ (skipped when already done); combine with extract-merge",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        metavar="B",
+        help="images per forward pass (overrides extract.batch_size)",
+    )
+    p.add_argument(
+        "--device",
+        default=None,
+        metavar="DEVICE",
+        help="auto, cpu or cuda[:N] (overrides extract.device)",
+    )
+    p.add_argument(
+        "--boxes",
+        choices=["detect", "gt"],
+        default="detect",
+        help="detect: the model's detections; gt: the annotated boxes as a perfect detector",
+    )
+    p.add_argument(
+        "--features",
+        choices=["joint", "idnet"],
+        default="joint",
+        help="joint: the model's own re-id features; idnet: an IDNet's features of box crops",
+    )
+    p.add_argument(
+        "--idnet",
+        metavar="PATH",
+        default=None,
+        help="IDNet (idnet.pt of psearch pretrain) for --features idnet",
+    )
+
+
+def _add_search(subparsers, common: argparse.ArgumentParser) -> None:
+    p = add_command(subparsers, common, "search", _search)
+    p.add_argument("--model", required=True, metavar="MODEL", help="joint model (as extract)")
+    p.add_argument("--query", required=True, metavar="IMAGE", help="image holding the person")
+    p.add_argument("--box", required=True, metavar="X,Y,W,H", help="the person's box, pixels")
+    p.add_argument(
+        "--gallery",
+        required=True,
+        metavar="GALLERY",
+        help="a folder of images, or an extraction directory (psearch extract)",
+    )
+    p.add_argument("--top-k", type=int, default=10, metavar="K", help="matches to show")
+    add_out(p, "PNG", "picture of the query and matches", required=False)
+    p.add_argument(
+        "--det-thresh",
+        type=float,
+        default=None,
+        metavar="S",
+        help="minimum detection score (default: evaluate.det_thresh)",
+    )
+    p.add_argument(
+        "--manifests",
+        metavar="DIR",
+        default=None,
+        help="where the extraction's images are listed, when extraction.json's "
+        "manifests path has moved",
+    )
+
+
+def _extract(args: argparse.Namespace) -> int:
+    """detect persons in every test image and compute re-id features (DETS/*.parquet)
+
+    One forward pass per test image gives its boxes, scores and re-id features
+    (DETS/gallery_detections.parquet); each query's feature comes from its given box
+    (DETS/query_features.parquet); DETS/extraction.json records the settings and throughput.
+    --boxes gt and --features idnet give the paper's baselines. Settings: the `extract` and
+    `model` sections of params.yaml.
+    """
+    # --batch-size and --device are --set shorthands: validated like any override.
+    flags = {"extract.batch_size": args.batch_size, "extract.device": args.device}
+    args.overrides = [*args.overrides, *(f"{k}={v}" for k, v in flags.items() if v is not None)]
+    params = load_params_from_args(args)
+    # lazy: importing torch takes ~2 s; --help and light commands must not pay it
+    from psearch import stages
+
+    options = {
+        "shard": parse_shard(args.shard) if args.shard else None,
+        "boxes": args.boxes,
+        "features": args.features,
+        "idnet": Path(args.idnet) if args.idnet else None,
+    }
+    info = stages.extract(Path(args.manifests), args.model, Path(args.out), params, **options)
+    if info.get("skipped"):
+        print(f"{info['out']}: already extracted with these settings, skipped", file=sys.stderr)
+    print_summary(info)
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    """combine extraction shards into DETS/gallery_detections.parquet etc.
+
+    Checks that the parts are exactly shards 0..N-1 of one extraction (refuses gaps, overlaps
+    and parts made with other settings), then writes the contract files into DETS in
+    image_id order. The parts are kept.
+    """
+    # lazy: importing torch takes ~2 s; --help and light commands must not pay it
+    from psearch import stages
+
+    print_summary(stages.extract_merge([Path(p) for p in args.parts], Path(args.out)))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    """the paper's Table 2 (detector x re-id features) from evaluation directories
+
+    Reads metrics.json and extraction.json of each evaluation directory and prints a Markdown
+    table: rows the detector (Deep = the model's detections, GT = annotated boxes), columns
+    the re-id features (joint, IDNet), cells mAP / top-1 on gallery 100 (or the first
+    protocol present). Writes report.md into each directory, or to --out.
+    """
+    print(report([Path(d) for d in args.run_dirs], Path(args.out) if args.out else None), end="")
+    return 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    """find a query person in a gallery of images; prints matches, draws a PNG
+
+    Computes the query's feature from --box in --query, then ranks every detection in the
+    gallery (a folder of images, detected now, or an extraction directory, read from its
+    gallery_detections.parquet) by similarity. Each gallery image counts once, by its best
+    detection.
+    """
+    params = load_params_from_args(args)
+    result = search(
+        model=args.model,
+        query=Path(args.query),
+        box=parse_box(args.box),
+        gallery=Path(args.gallery),
+        params=params,
+        top_k=args.top_k,
+        out=Path(args.out) if args.out else None,
+        det_thresh=args.det_thresh,
+        manifests=Path(args.manifests) if args.manifests else None,
+    )
+    print(format_matches(result), end="")
+    return 0

@@ -1,0 +1,133 @@
+"""The MLflow face of a model file: log_model, fetching by MLflow URI, the pyfunc's predict."""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+
+import mlflow
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from model_fixtures import (
+    NUM_CLASSES,
+    assert_same_outputs,
+    synthetic_batch,
+    tiny_settings,
+    trained_joint,
+)
+from torchvision.io import write_png
+
+from psearch.errors import PsearchError
+from psearch.imaging import cut_crops
+from psearch.inference.loading import fetch_model
+from psearch.models.idnet import build_idnet
+from psearch.models.io import save_model
+from psearch.models.joint import JointNet
+from psearch.serving.pyfunc import PersonSearchModel, log_model
+
+
+@pytest.fixture(scope="module")
+def joint() -> JointNet:
+    return trained_joint()
+
+
+def test_mlflow_log_and_load_round_trip(tmp_path, joint, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)  # the default artifact root is relative to the working dir
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    mlflow.set_experiment("models-test")
+    model_file = save_model(tmp_path / "model.pt", joint, {"epoch": 4})
+    with mlflow.start_run() as run:
+        uri, logged_uri = log_model(model_file)
+    assert uri == f"runs:/{run.info.run_id}/model"
+    assert logged_uri.startswith("models:/m-")
+    assert isinstance(fetch_model(logged_uri)[0], JointNet)
+
+    model, meta = fetch_model(uri)
+    assert meta == {"epoch": 4}
+    assert_same_outputs(joint, model)
+    # The logged model's own URI registers without MLflow's runs:/ fallback warning
+    # (MLflow's loggers do not propagate: listen on them directly).
+    mlflow_logger = logging.getLogger("mlflow")
+    mlflow_logger.addHandler(caplog.handler)
+    try:
+        version = mlflow.register_model(logged_uri, "person-search").version
+    finally:
+        mlflow_logger.removeHandler(caplog.handler)
+    assert "has no artifacts at artifact path" not in caplog.text
+    client = mlflow.MlflowClient()
+    client.set_registered_model_alias("person-search", "champion", version)
+    for registry_uri in (f"models:/person-search/{version}", "models:/person-search@champion"):
+        assert isinstance(fetch_model(registry_uri)[0], JointNet)
+    with pytest.raises(PsearchError, match="models:/no-such-model/1: cannot download"):
+        fetch_model("models:/no-such-model/1")
+
+    # the generic pyfunc face: detections for bare image rows, features for query rows
+    images, targets = synthetic_batch()
+    image_path = tmp_path / "frame.png"
+    write_png((images[0] * 255).round().to(torch.uint8), str(image_path))
+    box = targets[0]["boxes"][0].tolist()
+    frame = pd.DataFrame(
+        {
+            "path": [str(image_path), str(image_path)],
+            "x1": [box[0], None],
+            "y1": [box[1], None],
+            "x2": [box[2], None],
+            "y2": [box[3], None],
+        }
+    )
+    result = mlflow.pyfunc.load_model(uri).predict(frame)
+    assert list(result.columns) == ["path", "x1", "y1", "x2", "y2", "score", "feature"]
+    assert pd.isna(result["score"][0]) and len(result) > 1
+    assert (result["score"][1:] >= joint.box_score_thresh).all()
+    feature = torch.from_numpy(np.asarray(result["feature"][0], dtype=np.float32))
+    pixels = (images[0] * 255).round() / 255  # what the PNG holds
+    expected = joint.query_features([pixels], [torch.tensor([box])])[0][0]
+    torch.testing.assert_close(feature, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_log_model_needs_a_file_and_an_active_run(tmp_path, joint):
+    with pytest.raises(PsearchError, match="model file not found"):
+        log_model(tmp_path / "nope.pt")
+    with pytest.raises(RuntimeError, match="active MLflow run"):
+        log_model(save_model(tmp_path / "model.pt", joint))
+
+
+def _responsive_idnet():
+    """A small IDNet whose batch-norm statistics come from data (random init with unit
+    statistics gives nearly the same feature for any input, which would prove nothing)."""
+    torch.manual_seed(0)
+    idnet = build_idnet(NUM_CLASSES, context=1.5, **tiny_settings())
+    for module in idnet.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None  # a plain average over the batches below
+    with torch.no_grad():
+        idnet.train().features(torch.rand(8, 3, 96, 48, generator=torch.Generator().manual_seed(1)))
+    return idnet.eval()
+
+
+def test_pyfunc_wrapper_of_an_idnet_answers_query_rows(tmp_path):
+    idnet = _responsive_idnet()
+    path = save_model(tmp_path / "idnet.pt", idnet, {"crop_height": 64, "crop_width": 32})
+    image = torch.zeros(3, 80, 60, dtype=torch.uint8)
+    image[:, 10:70, 20:40] = 200
+    write_png(image, str(tmp_path / "frame.png"))
+    wrapper = PersonSearchModel()
+    wrapper.load_context(SimpleNamespace(artifacts={"checkpoint": str(path)}))
+    frame = pd.DataFrame({"path": [str(tmp_path / "frame.png")], "x1": [20.0], "y1": [10.0]})
+    frame = frame.assign(x2=[40.0], y2=[70.0])
+    result = wrapper.predict(None, frame)
+    # The crop is cut from the image's pixels as extraction and pretraining cut theirs.
+    box = [[20.0, 10.0, 40.0, 70.0]]
+    with torch.no_grad():
+        expected = idnet.features(cut_crops(image, box, (64, 32), 1.5))[0]
+        darker = idnet.features(cut_crops(image // 2, box, (64, 32), 1.5))[0]
+    got = torch.tensor(result["feature"][0])
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got, darker, atol=1e-3)  # the features do follow the pixels
+    with pytest.raises(PsearchError, match="an IDNet needs a query box"):
+        wrapper.predict(None, pd.DataFrame({"path": [str(tmp_path / "frame.png")]}))
+    with pytest.raises(PsearchError, match="'path' column"):
+        wrapper.predict(None, pd.DataFrame({"image": ["x"]}))
