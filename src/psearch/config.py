@@ -32,7 +32,15 @@ class DataConfig:
 
 @dataclass
 class IngestConfig:
-    format: Literal["cuhk-sysu", "prw"] = "cuhk-sysu"
+    format: Literal["cuhk-sysu", "prw", "table"] = "cuhk-sysu"
+    # format table only (docs/own-data.md): the CSV / Parquet of boxes, an optional table of
+    # queries (None = one drawn per test identity per camera), how boxes are written, the
+    # gallery sizes besides the whole test set, and the seed of the drawn queries / galleries.
+    annotations: str | None = None
+    queries: str | None = None
+    box_format: Literal["xyxy", "xywh"] = "xyxy"
+    gallery_sizes: list[int] = field(default_factory=lambda: [50, 100])
+    seed: int = 0
 
 
 @dataclass

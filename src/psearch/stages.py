@@ -17,6 +17,7 @@ from typing import Any
 
 from psearch.config import DataConfig, IngestConfig, Params
 from psearch.data.ingest import ingest as ingest_dataset
+from psearch.data.table import TableOptions
 from psearch.evaluation.run import evaluate
 from psearch.inference.extract import extract
 from psearch.inference.shards import merge as extract_merge
@@ -44,8 +45,18 @@ def synth(out: Path, cfg: DataConfig) -> dict[str, Any]:
 
 
 def ingest(root: Path, out: Path, cfg: IngestConfig) -> dict[str, Any]:
-    """Read a raw CUHK-SYSU or PRW dataset at `root`; write the manifests to `out`."""
-    return ingest_dataset(Path(root), Path(out), fmt=cfg.format)
+    """Read a raw CUHK-SYSU or PRW dataset, or a table of boxes, at `root`; write the
+    manifests to `out`."""
+    table = None
+    if cfg.format == "table" and cfg.annotations:
+        table = TableOptions(
+            annotations=Path(cfg.annotations),
+            queries=Path(cfg.queries) if cfg.queries else None,
+            box_format=cfg.box_format,
+            gallery_sizes=tuple(cfg.gallery_sizes),
+            seed=cfg.seed,
+        )
+    return ingest_dataset(Path(root), Path(out), fmt=cfg.format, table=table)
 
 
 def _log_model(model_file: Path, name: str) -> tuple[str, str]:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from psearch.cli.common import add_command, add_out, load_params_from_args, with_flags
+from psearch.errors import PsearchError
 
 
 def add_commands(subparsers, common: argparse.ArgumentParser) -> None:
@@ -23,10 +25,11 @@ def add_commands(subparsers, common: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--format",
         dest="fmt",
-        choices=["cuhk-sysu", "prw"],
+        choices=["cuhk-sysu", "prw", "table"],
         default=None,
-        help="layout (default: ingest.format)",
+        help="layout (default: ingest.format); table: a CSV/Parquet of boxes (--annotations)",
     )
+    _add_table_options(p)
     p.add_argument("--root", required=True, type=Path, help="dataset root directory")
     add_out(p, "MANIFESTS", "manifests directory to write", type=Path)
 
@@ -52,12 +55,12 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _ingest(args: argparse.Namespace) -> int:
-    """read a raw CUHK-SYSU or PRW dataset into Parquet manifests
+    """read a raw CUHK-SYSU or PRW dataset, or a table of boxes, into Parquet manifests
 
-    Read a raw dataset (CUHK-SYSU or PRW layout) and write the manifests directory (images,
+    Read a raw dataset (CUHK-SYSU or PRW layout, or a CSV/Parquet table of boxes) and write the manifests directory (images,
     boxes, persons, queries, galleries .parquet + dataset.json).
     """
-    cfg = with_flags(load_params_from_args(args).ingest, format=args.fmt)
+    cfg = _table_options(args, with_flags(load_params_from_args(args).ingest, format=args.fmt))
     # lazy: importing torch takes ~2 s; --help and light commands must not pay it
     from psearch import stages
 
@@ -70,3 +73,55 @@ def _ingest(args: argparse.Namespace) -> int:
         f"{c['queries']} queries, galleries {sizes} [{info['name']}, {info['content_hash'][:19]}]"
     )
     return 0
+
+
+# --- format table (issue 17): options that fill the ingest section's table fields ---
+
+
+def _add_table_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--annotations",
+        metavar="FILE",
+        default=None,
+        help="format table: CSV or Parquet, one row per box (default: ingest.annotations)",
+    )
+    p.add_argument(
+        "--queries",
+        metavar="FILE",
+        default=None,
+        help="format table: a table of query boxes (default: ingest.queries, else one query "
+        "drawn per test identity per camera)",
+    )
+    p.add_argument(
+        "--box-format",
+        choices=["xyxy", "xywh"],
+        default=None,
+        help="format table: columns x1,y1,x2,y2 or x,y,w,h (default: ingest.box_format)",
+    )
+    p.add_argument(
+        "--gallery-sizes",
+        metavar="N,N,...",
+        default=None,
+        help="format table: gallery sizes besides the whole test set (default: "
+        "ingest.gallery_sizes)",
+    )
+
+
+def _table_options(args: argparse.Namespace, cfg):
+    changes = {}
+    if args.annotations is not None:
+        changes["annotations"] = str(args.annotations)
+    if args.queries is not None:
+        changes["queries"] = str(args.queries)
+    if args.box_format is not None:
+        changes["box_format"] = args.box_format
+    if args.gallery_sizes is not None:
+        try:
+            changes["gallery_sizes"] = [int(v) for v in args.gallery_sizes.split(",") if v.strip()]
+        except ValueError:
+            raise PsearchError(
+                f"--gallery-sizes {args.gallery_sizes!r}: expected sizes like 50,100"
+            ) from None
+    if changes and cfg.format != "table":
+        raise PsearchError(f"--{next(iter(changes)).replace('_', '-')}: only for --format table")
+    return dataclasses.replace(cfg, **changes)

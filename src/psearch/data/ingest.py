@@ -1,4 +1,4 @@
-"""`psearch ingest`: a raw CUHK-SYSU or PRW dataset -> the manifests of docs/contract.md.
+"""`psearch ingest`: a raw CUHK-SYSU or PRW dataset, or a table of boxes -> the manifests of docs/contract.md.
 
 The reader of the format produces a `ParsedDataset`; this module reads each
 image's size from its header, converts `[x y w h]` to `x1 y1 x2 y2`, builds the
@@ -24,24 +24,29 @@ from psearch.data.cuhk_sysu import read_cuhk_sysu
 from psearch.data.manifest import MANIFEST_SCHEMAS, write_parquet
 from psearch.data.prw import read_prw
 from psearch.data.records import ParsedDataset
+from psearch.data.table import TableOptions, read_table
 from psearch.errors import PsearchError
 
-FORMATS = ("cuhk-sysu", "prw")
+FORMATS = ("cuhk-sysu", "prw", "table")
 
 
-def ingest(root: Path, out: Path, fmt: str) -> dict[str, Any]:
-    """Read the dataset at `root` in format `fmt`; write the manifests directory `out`."""
+def ingest(root: Path, out: Path, fmt: str, table: TableOptions | None = None) -> dict[str, Any]:
+    """Read the dataset at `root` in format `fmt`; write the manifests directory `out`.
+
+    Format `table` reads `table.annotations` (psearch.data.table) instead of a layout."""
     root, out = Path(root), Path(out)
     if fmt not in FORMATS:
         raise PsearchError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
     if not root.is_dir():
         raise PsearchError(f"{root}: dataset root not found")
-    parsed = _read(root, fmt)
+    if fmt == "table" and table is None:
+        raise PsearchError("format table needs --annotations FILE.csv|FILE.parquet")
+    parsed = read_table(root, table) if fmt == "table" else _read(root, fmt)
     # Hashing gigabytes of annotation files overlaps the rest (hashlib releases the GIL).
     with ThreadPoolExecutor(1) as pool:
         digest = pool.submit(content_hash, parsed.annotation_files, root)
         sizes = image_sizes(root, parsed.image_paths)
-        tables = build_tables(parsed, sizes)
+        tables = {**build_tables(parsed, sizes), **parsed.extra_tables}
         info = dataset_info(parsed, tables, digest.result())
     # Where images.path is relative to, relative to the manifests (psearch.data.loaders.dataset_root).
     info["root"] = os.path.relpath(root.resolve(), out.resolve())
@@ -141,8 +146,13 @@ def build_tables(p: ParsedDataset, sizes: np.ndarray) -> dict[str, pa.Table]:
 def content_hash(files: list[Path], root: Path) -> str:
     """sha256 over the annotation files (relative path and bytes, in path order)."""
     digest = hashlib.sha256()
-    for path in sorted(files, key=lambda f: f.relative_to(root).as_posix()):
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+
+    # An annotation table may live outside the root: it then counts by its file name.
+    def name(f: Path) -> str:
+        return f.relative_to(root).as_posix() if f.is_relative_to(root) else f.name
+
+    for path in sorted(files, key=name):
+        digest.update(name(path).encode() + b"\0")
         with open(path, "rb") as fh:
             while chunk := fh.read(1 << 22):
                 digest.update(chunk)

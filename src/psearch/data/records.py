@@ -46,6 +46,9 @@ class ParsedDataset:
     galleries: list[Gallery]
     annotation_files: list[Path]
     info: dict[str, Any] = field(default_factory=dict)  # extra dataset.json entries
+    # Tables beyond the five manifests (pyarrow tables by file stem), e.g. the table
+    # format's image_meta (camera, frame time per image).
+    extra_tables: dict[str, Any] = field(default_factory=dict)
 
 
 def low_resolution_mask(heights: np.ndarray) -> np.ndarray:
