@@ -62,6 +62,17 @@ def add_manifests(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_joint_model(parser: argparse.ArgumentParser) -> None:
+    """--model MODEL: a joint model file, its directory, or an MLflow URI."""
+    parser.add_argument(
+        "--model",
+        required=True,
+        metavar="MODEL",
+        help="joint model: model.pt, its directory, or an MLflow URI (runs:/ID/model, "
+        "models:/person-search@champion)",
+    )
+
+
 def add_out(
     parser: argparse.ArgumentParser, metavar: str, help: str, required: bool = True, **kwargs: Any
 ) -> None:

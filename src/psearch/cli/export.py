@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from psearch.cli.common import load_params_from_args
+from psearch.cli.common import add_joint_model, load_params_from_args
 
 
 def add_commands(subparsers, common: argparse.ArgumentParser) -> None:
@@ -20,13 +20,7 @@ def add_commands(subparsers, common: argparse.ArgumentParser) -> None:
         "come from the `model` section of the params. A model from MLflow gets the file "
         "logged to its run under export/.",
     )
-    p.add_argument(
-        "--model",
-        required=True,
-        metavar="MODEL",
-        help="joint model: model.pt, its directory, or an MLflow URI (runs:/ID/model, "
-        "models:/person-search@champion)",
-    )
+    add_joint_model(p)
     p.add_argument("--format", dest="fmt", choices=["onnx", "torchscript"], default="onnx")
     p.add_argument("--out", required=True, type=Path, metavar="FILE", help="file to write")
     p.set_defaults(func=_export)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from psearch.cli.common import (
     add_command,
+    add_joint_model,
     add_manifests,
     add_out,
     load_params_from_args,
@@ -40,13 +41,7 @@ def add_commands(subparsers, common: argparse.ArgumentParser) -> None:
 def _add_extract(subparsers, common: argparse.ArgumentParser) -> None:
     p = add_command(subparsers, common, "extract", _extract)
     add_manifests(p)
-    p.add_argument(
-        "--model",
-        required=True,
-        metavar="MODEL",
-        help="joint model: model.pt, its directory, or an MLflow URI (runs:/ID/model, "
-        "models:/person-search@champion)",
-    )
+    add_joint_model(p)
     add_out(p, "DETS", "output directory")
     p.add_argument(
         "--shard",
