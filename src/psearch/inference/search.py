@@ -20,7 +20,6 @@ import pyarrow.parquet as pq
 from psearch.config import Params
 from psearch.data.manifest import GALLERY_DETECTIONS, feature_dim, read_manifests
 from psearch.errors import PsearchError
-from psearch.inference.index import GalleryIndex, weights_fingerprint
 from psearch.inference.render import render_search
 from psearch.inference.writer import read_extraction_json
 
@@ -148,6 +147,9 @@ def _result(query, box, query_xyxy, gallery, source, thresh, matches, notes, out
 
 def _search_index(path, query, box, query_xyxy, joint, params, device, top_k, thresh, out):
     """search() over a built index: faiss finds the candidates, no full matrix is read."""
+    # lazy: faiss and torch take seconds to import; the command line imports this module at start-up
+    from psearch.inference.index import GalleryIndex, weights_fingerprint
+
     gallery = GalleryIndex(path)
     meta, notes = gallery.meta, []
     if weights_fingerprint(joint) != (meta.get("model") or {}).get("fingerprint"):
