@@ -105,6 +105,9 @@ def test_export_logged_to_the_model_run(random_models, tmp_path, monkeypatch, ca
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
+    # Earlier tests leave an active experiment id of another store behind: name one in this store.
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    mlflow.set_experiment("export-test")
     with mlflow.start_run() as run:
         model_uri, _ = log_model(random_models["joint"])
     out = tmp_path / "model.onnx"
