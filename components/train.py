@@ -1,4 +1,7 @@
-"""Train: joint detection + re-identification, initialised from the IDNet (GPU)."""
+"""Train: joint detection + re-identification, initialised from the IDNet (GPU), or from the
+backbone's own weights when the recipe has no pretrain stage (the DAG then passes no idnet)."""
+
+from typing import Optional
 
 from kfp.dsl import Dataset, Input, Model, Output
 
@@ -7,10 +10,10 @@ IMAGE = "gpu"
 
 def train(
     manifests: Input[Dataset],
-    idnet: Input[Model],
     params_json: str,
     pipeline_run_id: str,
     model: Output[Model],
+    idnet: Optional[Input[Model]] = None,  # noqa: UP045 (KFP reads this annotation's form)
 ):
     """Train the joint network; `model` receives model.pt and run.json (its MLflow run)."""
     # Imports inside the body: KFP runs only this function's source in the pod.
@@ -20,5 +23,6 @@ def train(
     from psearch import stages
 
     cfg = stage_params(params_json, pipeline_run_id)
-    summary = stages.train(Path(manifests.path), Path(model.path), cfg, init=Path(idnet.path))
+    init = Path(idnet.path) if idnet is not None else None
+    summary = stages.train(Path(manifests.path), Path(model.path), cfg, init=init)
     print(summary_line("train", summary))

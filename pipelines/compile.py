@@ -25,7 +25,11 @@ DEFAULT_PACKAGE = Path("pipelines") / "person_search.yaml"
 
 def pipeline_function(params: Params, settings: PipelineSettings | None = None):
     """The @dsl.pipeline function with `params` as the parameter defaults."""
-    return build_pipeline(params_json(params), settings or settings_for(params))
+    return build_pipeline(
+        params_json(params),
+        settings or settings_for(params),
+        with_pretrain=params.pretrain.enabled,
+    )
 
 
 def compile_pipeline(params: Params, out: str | Path = DEFAULT_PACKAGE) -> dict[str, Any]:

@@ -12,6 +12,7 @@ Pipeline parameters (defaults taken from params.yaml when compiled):
   params_json   every params.yaml section except `pipeline`, as JSON (JSON, not a dict
                 parameter, because KFP refuses nulls in dict parameters and params.yaml has some)
 
+pretrain.enabled is read when compiling too: false leaves the pretrain task out.
 Compile-time settings (the `pipeline` section: images, resources, PVC, Secret, GPU
 placement, number of extraction shards) shape the DAG itself; see
 pipelines.settings. `build_pipeline` returns the @dsl.pipeline function;
@@ -80,9 +81,11 @@ def _configure(
     return task
 
 
-def build_pipeline(default_params: str, settings: PipelineSettings):
+def build_pipeline(default_params: str, settings: PipelineSettings, with_pretrain: bool = True):
     """The pipeline function, with `default_params` (components.runtime.params_json: the
-    params minus the `pipeline` section) as the default of its params_json parameter."""
+    params minus the `pipeline` section) as the default of its params_json parameter.
+    `with_pretrain` False (a recipe with pretrain.enabled false, as OIM) leaves the pretrain
+    task out: train starts from the backbone's weights."""
     c = build_components(settings.images())
     shards = list(range(settings.extract_shards))
 
@@ -111,16 +114,16 @@ def build_pipeline(default_params: str, settings: PipelineSettings):
             _configure(ingest, "ingest", settings, cache=True, tracked=False, dataset=True)
             manifests = ingest.outputs["manifests"]
 
-            pretrain = c.pretrain(
-                manifests=manifests, params_json=params_json, pipeline_run_id=run_id
-            )
-            _configure(pretrain, "pretrain", settings, cache=False, dataset=True)
+            init = {}
+            if with_pretrain:
+                pretrain = c.pretrain(
+                    manifests=manifests, params_json=params_json, pipeline_run_id=run_id
+                )
+                _configure(pretrain, "pretrain", settings, cache=False, dataset=True)
+                init["idnet"] = pretrain.outputs["idnet"]
 
             train = c.train(
-                manifests=manifests,
-                idnet=pretrain.outputs["idnet"],
-                params_json=params_json,
-                pipeline_run_id=run_id,
+                manifests=manifests, params_json=params_json, pipeline_run_id=run_id, **init
             )
             # Training is never cached: each run is a new model and a new MLflow run.
             _configure(train, "train", settings, cache=False, dataset=True)

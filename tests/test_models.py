@@ -141,6 +141,38 @@ def test_bf16_autocast_train_and_eval(roi_op):
     torch.testing.assert_close(det["features"].norm(dim=1), torch.ones(len(det["features"])))
 
 
+def test_bf16_autocast_keeps_anchors_proposals_and_box_targets_float32():
+    # bf16 has 8 significant bits: past 512 px it can only say every 4th pixel. Boxes must
+    # stay float32 under autocast (CPU autocast stands in for CUDA's here).
+    torch.manual_seed(0)
+    net = build_joint_net(NUM_CLASSES, **tiny_settings(min_size=600, max_size=1000))
+    images = [torch.rand(3, 600, 1000)]
+    targets = [{"boxes": torch.tensor([[613.3, 101.7, 701.9, 377.1]]), "labels": torch.tensor([1])}]
+    seen: dict[str, list[torch.Tensor]] = {"anchors": [], "proposals": [], "targets": []}
+    net.rpn.anchor_generator.register_forward_hook(lambda _m, _i, out: seen["anchors"].extend(out))
+    net.rpn.register_forward_hook(lambda _m, _i, out: seen["proposals"].extend(out[0]))
+    sample = net._sample_rois
+
+    def recording_sample(proposals, targets):
+        rois, det, reid, box_targets = sample(proposals, targets)
+        seen["targets"].append(box_targets)
+        return rois, det, reid, box_targets
+
+    net._sample_rois = recording_sample
+    net.train()(images, targets)  # float32 reference
+    reference_anchors = seen["anchors"][0]
+    for values in seen.values():
+        values.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        net(images, targets)
+    for name, values in seen.items():
+        assert values and all(v.dtype == torch.float32 for v in values), name
+    torch.testing.assert_close(seen["anchors"][0], reference_anchors, rtol=0, atol=0)
+    # Exact to the float32 pixel: a bf16 round trip would move anchors far right by 1-2 px.
+    far = reference_anchors[:, 2] > 600
+    assert (reference_anchors[far, 2] != reference_anchors[far, 2].bfloat16().float()).any()
+
+
 @pytest.mark.parametrize("kind, channels, width", [("vgg16", 512, 4096), ("resnet50", 1024, 2048)])
 def test_paper_backbones_build_and_run(kind, channels, width):
     torch.manual_seed(0)

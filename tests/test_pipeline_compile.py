@@ -107,6 +107,17 @@ def test_dag_edges(compiled):
     assert deps(condition) == {"register"}
 
 
+def test_a_recipe_without_pretraining_compiles_without_the_pretrain_task(tmp_path):
+    # oim-resnet50 has no IDNet stage: the DAG leaves the task out and train takes no idnet.
+    spec, _ = _compile(tmp_path, ["pretrain.enabled=false"])
+    root = _stages_dag(spec)
+    assert "pretrain" not in root
+    assert set(root["train"].get("dependentTasks", [])) == {"ingest", "tracking"}
+    assert "idnet" not in root["train"]["inputs"].get("artifacts", {})
+    train_inputs = spec["components"]["comp-train"]["inputDefinitions"]["artifacts"]
+    assert train_inputs["idnet"]["isOptional"] is True
+
+
 def test_close_runs_is_the_exit_handler_of_every_stage(compiled):
     spec, _ = compiled
     root = spec["root"]["dag"]["tasks"]

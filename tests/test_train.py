@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -47,12 +48,15 @@ def fast_params(*extra: str, tracking_dir=None):
 
 
 def test_lr_schedule_warms_up_then_steps_down():
-    assert lr_factor(0, 10, 0) == pytest.approx(0.1)
-    assert lr_factor(5, 10, 0) == pytest.approx(0.55)
-    assert lr_factor(10, 10, 0) == 1.0
-    assert lr_factor(99, 10, 100) == 1.0
-    assert lr_factor(100, 10, 100) == pytest.approx(0.1)
-    assert lr_factor(3, 0, 0) == 1.0
+    assert lr_factor(0, 10, []) == pytest.approx(0.1)
+    assert lr_factor(5, 10, []) == pytest.approx(0.55)
+    assert lr_factor(10, 10, []) == 1.0
+    assert lr_factor(99, 10, [100]) == 1.0
+    assert lr_factor(100, 10, [100]) == pytest.approx(0.1)
+    assert lr_factor(3, 0, []) == 1.0
+    # Several drops multiply: the papers' "x0.1 at 40k, again at 45k" schedules.
+    assert lr_factor(149, 0, [100, 150]) == pytest.approx(0.1)
+    assert lr_factor(150, 0, [100, 150]) == pytest.approx(0.01)
 
 
 # ---------------------------------------------------------------------------- one tracked run
@@ -350,6 +354,26 @@ def test_a_few_images_can_be_overfitted_to_high_detection_recall(tiny_manifests,
                 found += int((box_iou(target["boxes"], boxes).max(1).values >= 0.5).sum())
     # Measured: 9 of 13 after 80 iterations from scratch (BatchNorm recalibrated at the end).
     assert found / total >= 0.6, (found, total, info)
+
+
+def test_a_recipe_without_pretraining_skips_it_and_trains_from_the_backbone(
+    tiny_manifests, tmp_path
+):
+    # The DVC stages' path for oim-resnet50: pretrain writes a marker, train --init DIR
+    # starts without an IDNet, and without the RSS "run pretrain first" warning: the recipe
+    # asked for no IDNet.
+    from psearch import stages
+
+    params = fast_params("pretrain.enabled=false", "train.max_steps=2")
+    info = stages.pretrain(tiny_manifests, tmp_path / "idnet", params)
+    assert info["skipped"] is True
+    assert sorted(p.name for p in (tmp_path / "idnet").iterdir()) == ["run.json"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = stages.train(tiny_manifests, tmp_path / "model", params, init=tmp_path / "idnet")
+    assert not [w for w in caught if "--init" in str(w.message)]
+    assert out["init"] is None and out["steps"] == 2
+    assert (tmp_path / "model" / "model.pt").is_file()
 
 
 def test_batch_norm_statistics_are_recomputed_after_training(tiny_manifests, tmp_path):

@@ -26,7 +26,7 @@ from psearch.errors import PsearchError
 class DataConfig:
     """The synthetic dataset written by `psearch synth` (the `synth` DVC stage)."""
 
-    preset: Literal["tiny", "demo", "full"] = "demo"
+    preset: Literal["tiny", "demo", "full", "paper-scale"] = "demo"
     seed: int = 0
 
 
@@ -56,6 +56,14 @@ class ModelConfig:
     roi_size: int = 7
     # Width of fc6/fc7 for the small backbone (vgg16 uses 4096, resnet50 its res5 head).
     head_dim: int = 256
+    # Leading trunk blocks that get no gradient (vgg16: conv1..conv5; resnet50: conv1, res2,
+    # res3, res4); -1 = the backbone's default: conv1-conv2 (vgg16) / conv1+res2 (resnet50)
+    # with pretrained weights, none with random init.
+    freeze_blocks: int = -1
+    # Batch norm of the trunk and head: train (plain), frozen (statistics and affine fixed),
+    # frozen_stats (statistics fixed, affine trained: the authors' OIM ResNet-50); auto =
+    # frozen with pretrained weights, train with random init. vgg16 has none.
+    batch_norm: Literal["auto", "train", "frozen", "frozen_stats"] = "auto"
     # 9 anchors per location: 3 sizes x 3 aspect ratios (height / width), as the paper.
     anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128])
     anchor_ratios: list[float] = field(default_factory=lambda: [1.0, 2.0, 3.0])
@@ -66,6 +74,9 @@ class ModelConfig:
     rpn_nms_thresh: float = 0.7
     rpn_batch_size_per_image: int = 256
     roi_batch_size_per_image: int = 128
+    # Foreground share of those RoIs (py-faster-rcnn: 0.25; person search codebases use 0.5,
+    # since every foreground RoI also trains the identity loss).
+    roi_positive_fraction: float = 0.5
     box_score_thresh: float = 0.05
     box_nms_thresh: float = 0.4
     detections_per_img: int = 100
@@ -92,16 +103,19 @@ class LossConfig:
 class TrainLoopConfig:
     """The settings of psearch.train.engine's loop, shared by `pretrain` and `train`.
 
-    Each section sets its own schedule (batch_size, epochs, lr, lr_step, warmup_iters,
-    checkpoint_every); the rest has one default for both.
+    Each section sets its own schedule (batch_size, epochs, lr, lr_steps, warmup_iters,
+    checkpoint_every); the rest has one default for both. A schedule is `epochs` passes over
+    the data (the demo) or, when `max_iters` > 0, that many iterations whatever the dataset
+    size (the papers' recipes state theirs so).
     """
 
     batch_size: int
     epochs: int
+    max_iters: int = 0  # > 0: the schedule's length in iterations, in place of `epochs`
     lr: float
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    lr_step: int  # iteration where lr is multiplied by 0.1; 0 = never
+    lr_steps: list[int]  # iterations from which lr is multiplied by 0.1 (each one again)
     warmup_iters: int
     grad_clip: float = 10.0
     amp: Literal["off", "bf16", "fp16"] = "bf16"  # CUDA only; CPU always trains in float32
@@ -128,9 +142,14 @@ class PretrainConfig(TrainLoopConfig):
     batch_size: int = 64
     epochs: int = 16
     lr: float = 0.01
-    lr_step: int = 0
+    lr_steps: list[int] = field(default_factory=list)
     warmup_iters: int = 20
     checkpoint_every: int = 100
+    # False: the recipe has no IDNet stage (OIM trains from ImageNet weights); `psearch
+    # pretrain` then writes a marker instead of a model and `psearch train` starts without one.
+    enabled: bool = True
+    # IDNet's identity loss; None = train.loss (the paper pretrains with the full softmax).
+    loss: LossConfig | None = None
 
 
 @dataclass(kw_only=True)
@@ -142,7 +161,7 @@ class TrainConfig(TrainLoopConfig):
     # The paper: 1e-3 (VGG16 from ImageNet), x0.1 after 100k of 120k iterations. The demo:
     # 12 epochs of 160 iterations, x0.1 for the last quarter.
     lr: float = 3e-3
-    lr_step: int = 1440
+    lr_steps: list[int] = field(default_factory=lambda: [1440])
     warmup_iters: int = 50
     checkpoint_every: int = 200
     loss: LossConfig = field(default_factory=LossConfig)
@@ -349,12 +368,31 @@ def _apply_override(tree: dict[str, Any], assignment: str) -> None:
 DEFAULT_PARAMS_FILE = "params.yaml"
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (PyYAML
+    keeps the last silently: a pasted second `train:` section would replace the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                line = key_node.start_mark.line + 1
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{key!r} appears twice (line {line})", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_params_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise PsearchError(f"{path}: params file not found")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+    except yaml.constructor.ConstructorError as exc:
+        raise PsearchError(f"{path}: {exc.problem}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""

@@ -24,7 +24,7 @@ from psearch.inference.shards import merge as extract_merge
 from psearch.registry import promote, register
 from psearch.synth import synthesize
 from psearch.train.joint import JointTraining
-from psearch.train.pretrain import Pretraining
+from psearch.train.pretrain import Pretraining, write_skipped
 
 __all__ = [
     "evaluate",
@@ -68,7 +68,10 @@ def _log_model(model_file: Path, name: str) -> tuple[str, str]:
 
 
 def pretrain(manifests: Path, out: Path, params: Params, resume: bool = False) -> dict[str, Any]:
-    """IDNet pretraining on cropped boxes; writes `out/idnet.pt` (and logs it to MLflow)."""
+    """IDNet pretraining on cropped boxes; writes `out/idnet.pt` (and logs it to MLflow).
+    A recipe without the stage (pretrain.enabled false) gets a marker directory instead."""
+    if not params.pretrain.enabled:
+        return write_skipped(Path(out))
     stage = Pretraining(params)
     return stage.run(Path(manifests), Path(out), resume=resume, log_model=_log_model)
 

@@ -2,7 +2,7 @@
 
 One module per command group adds its subcommands: data (synth, ingest), train (pretrain,
 train), inference (extract, extract-merge, report, search), evaluation (evaluate), registry
-(register, promote), serving (index, serve), export
+(register, promote), serving (index, serve), export, recipes (config: the named recipes)
 and pipeline (forwarded to the Kubeflow wing); common holds what they
 share. Importing the command line stays light (no torch, mlflow or matplotlib, so `psearch
 evaluate` and `--help` start fast): the handlers that run a torch stage import psearch.stages
@@ -15,14 +15,34 @@ from __future__ import annotations
 import argparse
 
 from psearch import __version__
-from psearch.cli import data, evaluation, export, inference, pipeline, registry, serving, train
+from psearch.cli import (
+    data,
+    evaluation,
+    export,
+    inference,
+    pipeline,
+    recipes,
+    registry,
+    serving,
+    train,
+)
 from psearch.cli.common import common_parser, run_handler
 from psearch.tracking import dvc_stage
 
 __all__ = ["build_parser", "main"]
 
 # Each defines add_commands(subparsers, common); `psearch --help` lists them in this order.
-COMMAND_GROUPS = [data, train, inference, evaluation, registry, serving, export, pipeline]
+COMMAND_GROUPS = [
+    recipes,
+    data,
+    train,
+    inference,
+    evaluation,
+    registry,
+    serving,
+    export,
+    pipeline,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,9 +11,10 @@ Three kinds, all built from torchvision models:
 
 Random init by default. ``backbone_weights`` names either a local file holding the state
 dict of the whole torchvision model, or a torchvision weights enum member such as
-``IMAGENET1K_V1`` (downloaded by torchvision, only when the user asks for it). With pretrained
-weights, batch norm is frozen and the stem is not trained, as detection codebases do; with
-random init, plain batch norm is trained.
+``IMAGENET1K_V1`` (downloaded by torchvision, only when the user asks for it). By default,
+with pretrained weights batch norm is frozen and the first blocks are not trained, as
+detection codebases do, and with random init everything trains; ``freeze_blocks`` and
+``batch_norm`` state it explicitly (the recipes in configs/ do).
 """
 
 from __future__ import annotations
@@ -74,19 +75,17 @@ class ResNetHead(nn.Module):
 
 def _torchvision_model(
     backbone: str, backbone_weights: str | None, load_weights: bool
-) -> tuple[nn.Module, bool]:
-    """The torchvision classification model for ``backbone``, and whether it is pretrained."""
+) -> nn.Module:
+    """The torchvision classification model for ``backbone`` (plain batch norm)."""
     if backbone not in _TORCHVISION_ARCH:
         raise PsearchError(
             f"model.backbone: unknown kind {backbone!r} (expected {', '.join(_TORCHVISION_ARCH)})"
         )
     arch = _TORCHVISION_ARCH[backbone]
+    model = models.get_model(arch, weights=None)
     source = backbone_weights if load_weights else None
-    pretrained = bool(backbone_weights)  # decides the norm layers even when not loading
-    kwargs = {"norm_layer": FrozenBatchNorm2d} if pretrained and arch == "resnet50" else {}
-    model = models.get_model(arch, weights=None, **kwargs)
     if source is None:
-        return model, pretrained
+        return model
     if Path(source).is_file():
         try:
             state = torch.load(source, map_location="cpu", weights_only=True)
@@ -108,7 +107,39 @@ def _torchvision_model(
     except (RuntimeError, TypeError) as exc:
         first = str(exc).strip().splitlines()[0]
         raise PsearchError(f"{source}: not a state dict of torchvision {arch} ({first})") from None
-    return model, pretrained
+    return model
+
+
+class FrozenStatsBatchNorm2d(nn.BatchNorm2d):
+    """Batch norm that always normalises with its stored statistics but trains its affine
+    scale and shift: the authors' OIM ResNet-50 (Caffe ``BN`` layers with ``frozen: true``
+    and lr_mult 1). Two images per batch give useless batch statistics; ImageNet's stay."""
+
+    frozen_statistics = True  # the training engine's BatchNorm recalibration skips these
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+        )
+
+
+def _replace_batch_norm(module: nn.Module, kind: str) -> nn.Module:
+    """Replace BatchNorm2d layers by ``kind`` (frozen | frozen_stats) with the same values."""
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm2d:
+            if kind == "frozen":
+                new: nn.Module = FrozenBatchNorm2d(child.num_features, eps=child.eps)
+            else:
+                new = FrozenStatsBatchNorm2d(child.num_features, eps=child.eps)
+            with torch.no_grad():
+                new.weight.copy_(child.weight.detach())
+                new.bias.copy_(child.bias.detach())
+                new.running_mean.copy_(child.running_mean)
+                new.running_var.copy_(child.running_var)
+            setattr(module, name, new)
+        else:
+            _replace_batch_norm(child, kind)
+    return module
 
 
 def _freeze(modules: list[nn.Module]) -> None:
@@ -117,19 +148,21 @@ def _freeze(modules: list[nn.Module]) -> None:
             param.requires_grad_(False)
 
 
-def _freeze_batch_norm(module: nn.Module) -> nn.Module:
-    """Replace BatchNorm2d layers by FrozenBatchNorm2d carrying the same statistics."""
-    for name, child in module.named_children():
-        if isinstance(child, nn.BatchNorm2d):
-            frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
-            frozen.weight.copy_(child.weight.detach())
-            frozen.bias.copy_(child.bias.detach())
-            frozen.running_mean.copy_(child.running_mean)
-            frozen.running_var.copy_(child.running_var)
-            setattr(module, name, frozen)
-        else:
-            _freeze_batch_norm(child)
-    return module
+# Where each trunk's blocks end, for `freeze_blocks` (a count of leading blocks).
+# vgg16 features: conv1 [0, 5), conv2 [5, 10), conv3 [10, 17), conv4 [17, 24), conv5 [24, 30).
+_VGG16_BLOCK_ENDS = (5, 10, 17, 24, 30)
+# The blocks frozen by default with pretrained weights: conv1-conv2 (py-faster-rcnn's VGG16),
+# conv1 + res2 (torchvision's detection ResNets), MobileNetV3's stem and first blocks.
+DEFAULT_FROZEN_BLOCKS = {"vgg16": 2, "resnet50": 2, "small": 4}
+
+
+def _trunk_blocks(backbone: str, body: nn.Sequential) -> list[nn.Module]:
+    """The trunk's blocks in order, as `freeze_blocks` counts them."""
+    layers = list(body)
+    if backbone == "vgg16":
+        starts = (0, *_VGG16_BLOCK_ENDS[:-1])
+        return [nn.Sequential(*layers[a:b]) for a, b in zip(starts, _VGG16_BLOCK_ENDS, strict=True)]
+    return layers  # resnet50: stem, res2, res3, res4; small: MobileNetV3's feature blocks
 
 
 def build_backbone(
@@ -138,36 +171,48 @@ def build_backbone(
     backbone_weights: str | None = None,
     roi_size: int = 7,
     head_dim: int = 256,
+    freeze_blocks: int = -1,
+    batch_norm: str = "auto",
     load_weights: bool = True,
 ) -> tuple[Trunk, nn.Module]:
     """(trunk with ``out_channels``, RoI head with ``out_features``) for ``backbone``.
 
     ``roi_size`` is the side of the pooled RoIs the head takes; ``head_dim`` the width of
-    the small backbone's fc head. ``load_weights=False`` builds the same architecture without
-    reading ``backbone_weights`` (used when a saved model's own state dict is loaded next).
+    the small backbone's fc head. ``freeze_blocks`` leading trunk blocks get no gradient (-1:
+    DEFAULT_FROZEN_BLOCKS with pretrained weights, none without); ``batch_norm`` is train,
+    frozen or frozen_stats (auto: frozen with pretrained weights, train without).
+    ``load_weights=False`` builds the same architecture without reading ``backbone_weights``
+    (used when a saved model's own state dict is loaded next).
     """
-    model, pretrained = _torchvision_model(backbone, backbone_weights, load_weights)
+    model = _torchvision_model(backbone, backbone_weights, load_weights)
+    pretrained = bool(backbone_weights)  # decides the defaults even when not loading
+    if freeze_blocks < 0:
+        freeze_blocks = DEFAULT_FROZEN_BLOCKS[backbone] if pretrained else 0
+    if batch_norm == "auto":
+        batch_norm = "frozen" if pretrained else "train"
     s = roi_size
     if backbone == "vgg16":
         # features[:30] ends at conv5_3 + ReLU: four max-pools, stride 16.
         trunk = Trunk(nn.Sequential(*list(model.features)[:30]), 512)
-        head = FcHead(512 * s * s, 4096, dropout=0.5)
+        head: nn.Module = FcHead(512 * s * s, 4096, dropout=0.5)
         if s == 7:  # the ImageNet fc6 expects 7x7 pooled maps
             head.fc6.load_state_dict(model.classifier[0].state_dict())
             head.fc7.load_state_dict(model.classifier[3].state_dict())
-        if pretrained:
-            _freeze(list(trunk.body)[:10])  # conv1, conv2 stay fixed as in py-faster-rcnn
-        return trunk, head
-    if backbone == "resnet50":
+    elif backbone == "resnet50":
         stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)
         trunk = Trunk(nn.Sequential(stem, model.layer1, model.layer2, model.layer3), 1024)
-        if pretrained:
-            _freeze([stem, model.layer1])
-        return trunk, ResNetHead(model.layer4)
-    # small: MobileNetV3-Large blocks 0-12 end at stride 16 with 112 channels.
-    body = nn.Sequential(*list(model.features)[:13])
-    if pretrained:
-        _freeze_batch_norm(body)
-        _freeze(list(body)[:4])
-    trunk = Trunk(body, 112)
-    return trunk, FcHead(112 * s * s, head_dim, dropout=0.0)
+        head = ResNetHead(model.layer4)
+    else:
+        # small: MobileNetV3-Large blocks 0-12 end at stride 16 with 112 channels.
+        trunk = Trunk(nn.Sequential(*list(model.features)[:13]), 112)
+        head = FcHead(112 * s * s, head_dim, dropout=0.0)
+    blocks = _trunk_blocks(backbone, trunk.body)
+    if not 0 <= freeze_blocks <= len(blocks):
+        raise PsearchError(
+            f"model.freeze_blocks: {freeze_blocks} is outside 0..{len(blocks)} for {backbone}"
+        )
+    if batch_norm != "train":
+        _replace_batch_norm(trunk, batch_norm)
+        _replace_batch_norm(head, batch_norm)
+    _freeze(blocks[:freeze_blocks])
+    return trunk, head

@@ -32,10 +32,7 @@ from torchvision.ops import boxes as box_ops
 from psearch.imaging import IMAGE_MEAN, IMAGE_STD
 from psearch.models.person_net import PersonNet
 
-# Fraction of foreground RoIs in a sampled mini-batch (py-faster-rcnn uses 0.25; person search
-# codebases 0.5, since every foreground RoI also trains the identity loss).
-ROI_POSITIVE_FRACTION = 0.5
-ROI_FG_IOU = 0.5
+ROI_FG_IOU = 0.5  # a RoI is foreground from this IoU with a ground-truth box (py-faster-rcnn)
 # The test-time settings: attributes that can be set on a built net (extraction takes them
 # from the params, whatever the model was trained with).
 INFERENCE_SETTINGS = (
@@ -65,7 +62,10 @@ class RPNHead512(nn.Module):
 
     def forward(self, x: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         hidden = [F.relu(self.conv(feature)) for feature in x]
-        return [self.cls_logits(h) for h in hidden], [self.bbox_pred(h) for h in hidden]
+        # float32 outputs: the RPN decodes proposals in the deltas' dtype (BoxCoder casts the
+        # anchors to it), so bf16 deltas would quantise every proposal's coordinates.
+        logits = [self.cls_logits(h).float() for h in hidden]
+        return logits, [self.bbox_pred(h).float() for h in hidden]
 
 
 class _PartSetting:
@@ -94,7 +94,8 @@ class JointNet(PersonNet):
     """Detection + re-id in one network; see the module docstring for the layout.
 
     Keyword arguments are named as the ``model`` params; ``person_net`` takes PersonNet's
-    (backbone, backbone_weights, feat_dim, roi_op, roi_size, head_dim, loss, load_weights).
+    (backbone, backbone_weights, feat_dim, roi_op, roi_size, head_dim, freeze_blocks,
+    batch_norm, loss, load_weights).
     The INFERENCE_SETTINGS are attributes too: setting one changes what the next forward does.
     """
 
@@ -111,6 +112,7 @@ class JointNet(PersonNet):
         rpn_nms_thresh: float = 0.7,
         rpn_batch_size_per_image: int = 256,
         roi_batch_size_per_image: int = 128,
+        roi_positive_fraction: float = 0.5,
         box_score_thresh: float = 0.05,
         box_nms_thresh: float = 0.4,
         detections_per_img: int = 100,
@@ -129,6 +131,7 @@ class JointNet(PersonNet):
             "rpn_nms_thresh": rpn_nms_thresh,
             "rpn_batch_size_per_image": rpn_batch_size_per_image,
             "roi_batch_size_per_image": roi_batch_size_per_image,
+            "roi_positive_fraction": roi_positive_fraction,
             "box_score_thresh": box_score_thresh,
             "box_nms_thresh": box_nms_thresh,
             "detections_per_img": detections_per_img,
@@ -166,7 +169,7 @@ class JointNet(PersonNet):
         self.box_coder = det_utils.BoxCoder((10.0, 10.0, 5.0, 5.0))
         self.matcher = det_utils.Matcher(ROI_FG_IOU, ROI_FG_IOU, allow_low_quality_matches=False)
         self.sampler = det_utils.BalancedPositiveNegativeSampler(
-            roi_batch_size_per_image, ROI_POSITIVE_FRACTION
+            roi_batch_size_per_image, roi_positive_fraction
         )
         self.box_score_thresh = box_score_thresh
         self.box_nms_thresh = box_nms_thresh
@@ -233,7 +236,10 @@ class JointNet(PersonNet):
         original_sizes = [tuple(img.shape[-2:]) for img in images]
         image_list, targets = self.transform(images, targets)
         feature_map = self.backbone(image_list.tensors)
-        proposals, rpn_losses = self.rpn(image_list, {"0": feature_map}, targets)
+        # Anchors take the feature map's dtype (torchvision's AnchorGenerator): handed a bf16
+        # map under autocast they would be rounded to 4 px steps past 512 px. A float32 view
+        # keeps anchors, proposals and box targets exact; the RPN's conv still runs in bf16.
+        proposals, rpn_losses = self.rpn(image_list, {"0": feature_map.float()}, targets)
         padded = tuple(image_list.tensors.shape[-2:])
         if self.training:
             losses = self._roi_losses(feature_map, proposals, targets, padded)

@@ -1,7 +1,8 @@
 """What the joint net and IDNet share: trunk, RoI head (fc6/fc7), fc8 embedding, identity loss.
 
 ``PersonNet`` takes the keyword arguments both networks have (named as the ``model`` params:
-``backbone``, ``backbone_weights``, ``feat_dim``, ``roi_op``, ``roi_size``, ``head_dim``) and
+``backbone``, ``backbone_weights``, ``feat_dim``, ``roi_op``, ``roi_size``, ``head_dim``,
+``freeze_blocks``, ``batch_norm``) and
 ``loss``, the keyword arguments of ``losses.build_reid_loss`` (named as ``train.loss``; None:
 the paper's random sampling softmax with that function's defaults). The parts are named
 alike in both networks (``backbone``, ``roi_head``, ``embedding``, ``reid_loss``) so IDNet's
@@ -65,6 +66,8 @@ class PersonNet(nn.Module):
         roi_op: str = "roi_pool",
         roi_size: int = 7,
         head_dim: int = 256,
+        freeze_blocks: int = -1,
+        batch_norm: str = "auto",
         loss: Mapping[str, Any] | None = None,
         load_weights: bool = True,
     ) -> None:
@@ -82,6 +85,8 @@ class PersonNet(nn.Module):
             "roi_op": roi_op,
             "roi_size": roi_size,
             "head_dim": head_dim,
+            "freeze_blocks": freeze_blocks,
+            "batch_norm": batch_norm,
         }
         self._loss_settings = dict(loss if loss is not None else DEFAULT_LOSS)
         self.backbone, self.roi_head = build_backbone(
@@ -89,6 +94,8 @@ class PersonNet(nn.Module):
             backbone_weights=backbone_weights,
             roi_size=roi_size,
             head_dim=head_dim,
+            freeze_blocks=freeze_blocks,
+            batch_norm=batch_norm,
             load_weights=load_weights,
         )
 

@@ -23,7 +23,15 @@ from psearch.atomic import atomic_file
 CKPT_SUFFIX = ".ckpt"
 _NAME = re.compile(r"^step-(\d+)\.pt$")
 # Settings that do not change the trajectory, so a resume may change them freely.
-NEUTRAL_KEYS = ("num_workers", "device", "checkpoint_every", "log_every", "max_steps", "epochs")
+NEUTRAL_KEYS = (
+    "num_workers",
+    "device",
+    "checkpoint_every",
+    "log_every",
+    "max_steps",
+    "epochs",
+    "max_iters",
+)
 
 
 def checkpoint_dir(out: Path) -> Path:

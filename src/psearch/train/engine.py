@@ -1,6 +1,6 @@
 """The training loop shared by IDNet pretraining and joint training.
 
-SGD with momentum, linear warm-up then x0.1 at `lr_step`, autocast (bf16/fp16) on
+SGD with momentum, linear warm-up then x0.1 at each of `lr_steps`, autocast (bf16/fp16) on
 CUDA only, gradient clipping, DistributedDataParallel under `torchrun`, a tqdm
 bar with the loss and images/s, metrics every `log_every` steps, and checkpoints
 every `checkpoint_every` steps from which `resume` continues exactly: model,
@@ -60,14 +60,17 @@ class FitResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def lr_factor(step: int, warmup_iters: int, lr_step: int) -> float:
-    """Linear warm-up from WARMUP_START to 1, then x0.1 from `lr_step` on (0 = never)."""
+def lr_factor(step: int, warmup_iters: int, lr_steps: list[int]) -> float:
+    """Linear warm-up from WARMUP_START to 1, then x0.1 from each of `lr_steps` on."""
     factor = 1.0
     if warmup_iters > 0 and step < warmup_iters:
         factor = WARMUP_START + (1.0 - WARMUP_START) * step / warmup_iters
-    if lr_step > 0 and step >= lr_step:
-        factor *= 0.1
-    return factor
+    return factor * 0.1 ** sum(1 for at in lr_steps if 0 < at <= step)
+
+
+def schedule_length(cfg: TrainLoopConfig, steps_per_epoch: int) -> int:
+    """Iterations of the schedule: `max_iters` when set, else `epochs` passes over the data."""
+    return cfg.max_iters if cfg.max_iters > 0 else cfg.epochs * steps_per_epoch
 
 
 def build_optimizer(model: nn.Module, cfg: TrainLoopConfig) -> torch.optim.SGD:
@@ -152,12 +155,12 @@ class Engine:
             self.steps_per_epoch = per_rank // cfg.batch_size
         if self.steps_per_epoch == 0:
             raise PsearchError(f"{desc}: the training set is empty")
-        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.total_steps = schedule_length(cfg, self.steps_per_epoch)
         if cfg.max_steps > 0:
             self.total_steps = min(self.total_steps, cfg.max_steps)
         self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, cfg.warmup_iters, cfg.lr_step)
+            self.optimizer, lambda s: lr_factor(s, cfg.warmup_iters, cfg.lr_steps)
         )
         use_scaler = self.device.type == "cuda" and cfg.amp == "fp16"
         self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
@@ -231,7 +234,9 @@ class Engine:
         norms = [
             m
             for m in model.modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and m.track_running_stats
+            and not getattr(m, "frozen_statistics", False)  # the recipe keeps ImageNet's
         ]
         if not norms or self.bn_forward is None or self.bn_batches <= 0:
             return

@@ -21,7 +21,7 @@ from psearch.data.manifest import Manifests
 from psearch.errors import PsearchError
 from psearch.models.idnet import transfer_idnet_weights
 from psearch.models.joint import JointNet, build_joint_net
-from psearch.train.pretrain import IDNET_FILE
+from psearch.train.pretrain import IDNET_FILE, was_skipped
 from psearch.train.runner import TrainingStage
 
 MODEL_FILE = "model.pt"
@@ -44,7 +44,8 @@ class JointTraining(TrainingStage):
     """The joint net on scene images, from an IDNet's weights when `init` names one.
 
     `JointTraining(params, init).run(manifests, out)` writes `out/model.pt` and `out/run.json`;
-    `init` is an idnet.pt file or the pretrain stage's output directory.
+    `init` is an idnet.pt file or the pretrain stage's output directory (a skipped stage's
+    directory means: no IDNet, start from the backbone's weights).
     """
 
     name = "train"
@@ -58,6 +59,7 @@ class JointTraining(TrainingStage):
     def __init__(self, params: Params, init: Path | None = None) -> None:
         super().__init__(params)
         self.init = resolve_init(init) if init is not None else None
+        self.skipped_init = init is not None and self.init is None
         self.transferred: list[str] = []  # the model's keys copied from the IDNet
 
     def build_dataset(self, tables: Manifests, num_classes: int) -> SceneDataset:
@@ -69,7 +71,7 @@ class JointTraining(TrainingStage):
         )
         if self.init is not None:
             self.transferred = transfer_idnet_weights(model, load_idnet_state(self.init))
-        elif self.cfg.loss.reid_loss != "oim":
+        elif self.cfg.loss.reid_loss != "oim" and not self.skipped_init:
             warnings.warn(
                 "train: no --init given; the paper found joint training from a generic "
                 "initialisation converges poorly with sparse identity labels (run pretrain first)",
@@ -99,10 +101,13 @@ class JointTraining(TrainingStage):
             mlflow.log_text("\n".join(self.transferred) + "\n", "init/transferred_keys.txt")
 
 
-def resolve_init(init: Path) -> Path:
-    """An idnet.pt file, or a directory holding one (the pretrain stage's output)."""
+def resolve_init(init: Path) -> Path | None:
+    """An idnet.pt file, or a directory holding one (the pretrain stage's output); None for
+    the output of a skipped pretrain stage (the recipe has none)."""
     init = Path(init)
     if init.is_dir():
+        if was_skipped(init):
+            return None
         init = init / IDNET_FILE
     if not init.is_file():
         raise PsearchError(f"{init}: IDNet weights not found (--init takes idnet.pt or its dir)")

@@ -7,11 +7,14 @@ images per batch cannot give; the resulting weights initialise the joint net.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from psearch.config import Params, PretrainConfig, to_dict
+from psearch.atomic import atomic_dir
+from psearch.config import LossConfig, Params, PretrainConfig, to_dict
 from psearch.data.loaders import CropDataset
 from psearch.data.manifest import Manifests
 from psearch.errors import PsearchError
@@ -19,6 +22,7 @@ from psearch.models.idnet import IDNet, build_idnet
 from psearch.train.runner import TrainingStage
 
 IDNET_FILE = "idnet.pt"
+RUN_FILE = "run.json"
 BN_BATCHES = 8  # batches of crops that recompute BatchNorm statistics after training
 
 
@@ -66,11 +70,16 @@ class Pretraining(TrainingStage):
             context=cfg.crop_context,
         )
 
+    @property
+    def loss(self) -> LossConfig:
+        """IDNet's identity loss: pretrain.loss, else the joint net's train.loss."""
+        return self.cfg.loss if self.cfg.loss is not None else self.params.train.loss
+
     def build_model(self, num_classes: int) -> IDNet:
         return build_idnet(
             num_classes,
             context=self.cfg.crop_context,
-            loss=to_dict(self.params.train.loss),
+            loss=to_dict(self.loss),
             **to_dict(self.params.model),
         )
 
@@ -78,12 +87,16 @@ class Pretraining(TrainingStage):
         return {
             "model": to_dict(self.params.model),
             "pretrain": to_dict(self.cfg),
-            "loss": to_dict(self.params.train.loss),
+            "loss": to_dict(self.loss),
         }
 
     def model_meta(self) -> dict[str, Any]:
         # The crop geometry: extraction and the pyfunc cut crops as training did.
-        return {"crop_height": self.cfg.crop_height, "crop_width": self.cfg.crop_width}
+        return {
+            "crop_height": self.cfg.crop_height,
+            "crop_width": self.cfg.crop_width,
+            "loss": to_dict(self.loss),
+        }
 
     def run_info(self, dataset: CropDataset, num_classes: int) -> dict[str, Any]:
         labelled = int((dataset.labels < num_classes).sum())
@@ -92,3 +105,27 @@ class Pretraining(TrainingStage):
             "labelled_crops": labelled,
             "background_crops": len(dataset) - labelled,
         }
+
+
+def write_skipped(out: Path) -> dict[str, Any]:
+    """The output of a pretrain stage the recipe does without (pretrain.enabled false): no
+    model, a run.json that says so, so DVC's stage still has its output and `psearch train
+    --init OUT` knows to start from the backbone's own weights."""
+    info = {
+        "skipped": True,
+        "reason": "pretrain.enabled is false: this recipe has no IDNet stage",
+    }
+    with atomic_dir(Path(out)) as tmp:
+        (tmp / RUN_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def was_skipped(out: Path) -> bool:
+    """Whether `out` is the output of a skipped pretrain stage (write_skipped)."""
+    run = Path(out) / RUN_FILE
+    if not run.is_file() or (Path(out) / IDNET_FILE).exists():
+        return False
+    try:
+        return bool(json.loads(run.read_text()).get("skipped"))
+    except (ValueError, AttributeError):
+        return False
