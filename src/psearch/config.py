@@ -26,7 +26,7 @@ from psearch.errors import PsearchError
 class DataConfig:
     """The synthetic dataset written by `psearch synth` (the `synth` DVC stage)."""
 
-    preset: Literal["tiny", "demo", "full"] = "demo"
+    preset: Literal["tiny", "demo", "full", "paper-scale"] = "demo"
     seed: int = 0
 
 
