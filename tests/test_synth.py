@@ -14,6 +14,8 @@ import yaml
 from PIL import Image
 
 from psearch.cli import main
+from psearch.data.ingest import ingest
+from psearch.data.manifest import read_manifests
 from psearch.synth import synthesize
 from psearch.synth.plan import OCCLUDED_OVER, PRESETS, plan_dataset
 
@@ -122,7 +124,7 @@ def test_truth_file_matches_plan(tiny_dataset):
     assert truth["summary"]["zero_size_boxes"] >= 2
 
 
-@pytest.mark.parametrize("preset", ["tiny", "demo"])
+@pytest.mark.parametrize("preset", ["tiny", "demo", "paper-scale"])
 def test_scene_statistics_make_the_task_learnable_and_hard(preset):
     plan = plan_dataset(preset, 0)
     cfg = PRESETS[preset]
@@ -160,6 +162,38 @@ def test_presets_have_the_promised_sizes():
     assert full.train_images + full.test_images == 18184
     assert (full.train_ids, full.test_ids) == (5532, 2900)
     assert full.gallery_sizes == (50, 100, 500, 1000, 2000, 4000)
+
+
+def test_paper_scale_has_cuhk_sysu_resolutions_heights_and_galleries():
+    plan = plan_dataset("paper-scale", 0)
+    cfg = PRESETS["paper-scale"]
+    # Every listed size occurs, portrait and landscape; people stay inside their image.
+    assert {(s.width, s.height) for s in plan.scenes} == {size for size, _ in cfg.image_sizes}
+    assert {(s.width, s.height) for s in plan.scenes} >= {(800, 600), (600, 800), (1280, 720)}
+    for s in plan.scenes:
+        for f in s.figures():
+            x, y, w, h = f.box
+            assert x >= 0 and y >= 0 and x + w <= s.width and y + h <= s.height
+    # Heights in CUHK-SYSU's annotated range, most 80-250 px, a tail past 400 px.
+    heights = np.array([f.box[3] for s in plan.scenes for f in s.figures()])
+    assert heights.min() >= 50 and 400 < heights.max() <= 500
+    assert 0.65 < ((heights >= 80) & (heights <= 250)).mean() < 0.9
+    # A 500-image gallery of other test images per query.
+    assert sorted(plan.galleries) == [50, 100, 500] and len(plan.test_scenes()) > 500
+    assert 250 <= len(plan.scenes) - len(plan.test_scenes()) <= 400
+
+
+@pytest.mark.slow
+def test_paper_scale_writes_and_ingests(tmp_path):
+    summary = synthesize(tmp_path / "raw", "paper-scale", 0)
+    ingest(tmp_path / "raw", tmp_path / "manifests", fmt="cuhk-sysu")
+    m = read_manifests(tmp_path / "manifests")
+    widths, heights = m.images.column("width").to_pylist(), m.images.column("height").to_pylist()
+    sizes = set(zip(widths, heights, strict=True))
+    assert sizes == {size for size, _ in PRESETS["paper-scale"].image_sizes}
+    galleries = m.galleries.column("gallery_size").to_numpy()
+    assert set(galleries) >= {50, 100, 500}
+    assert (galleries == 500).sum() == 500 * summary["queries"]
 
 
 def test_galleries_list_positives_first_then_distractors():

@@ -9,6 +9,7 @@ whose feet are higher up in the image are farther away and drawn first.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -27,12 +28,42 @@ class Preset:
     height: int
     gallery_sizes: tuple[int, ...]
     extra_named: int  # Person.mat names more people than the split uses, as the release does
+    # Realistic-resolution presets only (both empty = every image width x height, people sized
+    # as a fraction of it): ((width, height), weight) per image size, drawn per scene, and
+    # person heights in pixels as (labelled median, background median, log sigma, low, high).
+    image_sizes: tuple[tuple[tuple[int, int], float], ...] = ()
+    person_heights: tuple[float, float, float, float, float] | None = None
 
 
 PRESETS: dict[str, Preset] = {
     "tiny": Preset(40, 120, 15, 24, 200, 150, (50, 100), 4),
     "demo": Preset(320, 160, 160, 80, 400, 300, (50, 100), 20),
     "full": Preset(11206, 6978, 5532, 2900, 160, 120, (50, 100, 500, 1000, 2000, 4000), 3502),
+    # CUHK-SYSU's resolution: street snaps (800 x 600 either way up) and movie frames (16:9, 4:3).
+    # Person heights follow a log-normal truncated to the release's annotated range [50, 500] px:
+    # the release's height histograms (the paper's Fig. 2) are unimodal and right-skewed, most
+    # people 80-250 px tall with a thin tail to ~500, and queries larger than background people.
+    # Medians 160 / 110 px with sigma 0.5 put ~75 % of labelled people in 80-250 px and ~2 % over
+    # 400 px. A 500-image gallery needs over 500 test images (each query's gallery is that many
+    # other test images), hence the test split larger than the training one.
+    "paper-scale": Preset(
+        300,
+        520,
+        150,
+        250,
+        800,
+        600,
+        (50, 100, 500),
+        20,
+        image_sizes=(
+            ((800, 600), 0.35),
+            ((600, 800), 0.2),
+            ((1024, 576), 0.15),
+            ((1280, 720), 0.15),
+            ((960, 720), 0.15),
+        ),
+        person_heights=(160.0, 110.0, 0.5, 50.0, 500.0),
+    ),
 }
 
 
@@ -84,6 +115,8 @@ class Scene:
 
 def _person_size(rng, cfg: Preset, labelled: bool) -> tuple[int, int]:
     """(w, h): labelled people are larger on average; about one in eight is small."""
+    if cfg.person_heights is not None:
+        return _person_size_px(rng, cfg, labelled)
     if labelled:
         frac = (
             rng.uniform(0.16, 0.28)
@@ -95,6 +128,29 @@ def _person_size(rng, cfg: Preset, labelled: bool) -> tuple[int, int]:
     h = max(16, round(frac * cfg.height))
     w = max(6, round(h * rng.uniform(0.34, 0.46)))
     return w, h
+
+
+def _person_size_px(rng, cfg: Preset, labelled: bool) -> tuple[int, int]:
+    """(w, h) with h from the preset's truncated log-normal (redrawn until inside the range)."""
+    labelled_median, background_median, sigma, low, high = cfg.person_heights
+    mu = np.log(labelled_median if labelled else background_median)
+    high = min(high, cfg.height)  # a person never taller than the image
+    while True:
+        h = round(float(np.exp(rng.normal(mu, sigma))))
+        if low <= h <= high:
+            break
+    w = max(6, round(h * rng.uniform(0.34, 0.46)))
+    return w, h
+
+
+def _scene_canvas(rng, cfg: Preset) -> Preset:
+    """The preset with this scene's image size (drawn only when the preset lists several)."""
+    if not cfg.image_sizes:
+        return cfg
+    sizes = [size for size, _ in cfg.image_sizes]
+    weights = np.array([weight for _, weight in cfg.image_sizes])
+    width, height = sizes[int(rng.choice(len(sizes), p=weights / weights.sum()))]
+    return dataclasses.replace(cfg, width=width, height=height)
 
 
 def _place(
@@ -223,6 +279,7 @@ def _unobtrusive(
 
 
 def layout_scene(rng, cfg: Preset, name: str, split: str, people, with_zero: bool) -> Scene:
+    cfg = _scene_canvas(rng, cfg)
     placed: list[tuple[float, Figure | Prop]] = []  # (depth key, item); larger key = nearer
     labelled: list[tuple[float, tuple[int, int, int, int]]] = []
     for pid, _is_query, occlude in people:
