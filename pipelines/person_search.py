@@ -3,7 +3,8 @@
     tracking ─┐
     ingest ───┴─► pretrain ─► train ─► extract × N shards (ParallelFor) ─► extract_merge (Collected)
                                                                                 │
-             promote ◄── dsl.If(beats champion) ◄── register ◄── evaluate ◄─────┘
+             promote ◄── dsl.If(beats champion) ◄── register ◄── evaluate ◄─────┤
+                                                                    index ◄─────┘
 
     all of the above inside dsl.ExitHandler ─► close_runs (ends the MLflow runs, always)
 
@@ -150,6 +151,15 @@ def build_pipeline(default_params: str, settings: PipelineSettings, with_pretrai
                 manifests=manifests, detections=merge.outputs["detections"], params_json=params_json
             )
             _configure(evaluate, "evaluate", settings, cache=True, tracked=False)
+
+            # The gallery index `psearch serve` loads, beside the evaluation (same inputs).
+            gallery = c.index(
+                manifests=manifests,
+                detections=merge.outputs["detections"],
+                model=model,
+                params_json=params_json,
+            )
+            _configure(gallery, "index", settings, cache=True, tracked=False)
 
             register = c.register(
                 model=model,

@@ -57,6 +57,7 @@ def _default_resources() -> dict[str, TaskResources]:
         "extract": TaskResources("4", "8", "16Gi", "16Gi", gpus=1),
         "extract_merge": TaskResources("1", "2", "4Gi", "8Gi"),
         "evaluate": TaskResources("2", "4", "8Gi", "8Gi"),
+        "index": TaskResources("2", "4", "8Gi", "16Gi"),
         "register": TaskResources("500m", "1", "1Gi", "2Gi"),
         "promote": TaskResources("500m", "1", "1Gi", "2Gi"),
         "close_runs": TaskResources("250m", "500m", "512Mi", "1Gi"),

@@ -24,6 +24,7 @@ STAGES = {
     "extract",
     "extract-merge",
     "evaluate",
+    "index",
     "register",
     "promote",
     "close-runs",
@@ -102,6 +103,7 @@ def test_dag_edges(compiled):
     assert deps(loop) == {"ingest", "train"}
     assert deps("extract-merge") == {loop}
     assert deps("evaluate") == {"extract-merge", "ingest"}
+    assert deps("index") == {"extract-merge", "ingest", "train"}  # beside evaluate
     assert deps("register") == {"evaluate", "tracking", "train"}
     condition = next(name for name in root if name.startswith("condition"))
     assert deps(condition) == {"register"}

@@ -58,9 +58,13 @@ def test_run_local_runs_every_stage_and_writes_metrics(local_run):
     run_dir = Path(result["run_dir"])
     # Every task ran, the extraction fanned out, promotion ran (no champion before).
     for task in ("ingest", "tracking", "pretrain", "train", "extract-merge", "evaluate",
-                 "register", "promote", "close-runs"):  # fmt: skip
+                 "index", "register", "promote", "close-runs"):  # fmt: skip
         assert (run_dir / task / "executor_output.json").is_file(), task
     assert len(list(run_dir.glob("for-loop-*-iteration-*/extract"))) == 2
+    # The gallery index `psearch serve` loads was built from the merged extraction.
+    index = json.loads((run_dir / "index" / "executor_output.json").read_text())
+    index_dir = Path(index["artifacts"]["gallery_index"]["artifacts"][0]["uri"])
+    assert (index_dir / "index.json").is_file()
     metrics = json.loads(Path(result["metrics"]).read_text())
     assert set(metrics) == {"search", "detection"}
     assert {"gallery_50", "gallery_100", "occlusion", "low_resolution"} <= set(metrics["search"])

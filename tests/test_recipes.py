@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -20,6 +21,8 @@ from psearch.cli.recipes import changed_values
 from psearch.config import Params, flatten, load_params
 from psearch.models.backbones import FrozenStatsBatchNorm2d
 from psearch.models.joint import build_joint_net
+from psearch.synth.drawing import render
+from psearch.synth.plan import plan_dataset
 from psearch.train.engine import build_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,7 +37,7 @@ PAPER = {
     "model.roi_op": "roi_pool",
     "model.roi_size": 7,
     "model.anchor_sizes": [128, 256, 512],
-    "model.anchor_ratios": [0.5, 1.0, 2.0],
+    "model.anchor_ratios": [2.0, 3.0, 4.0],
     "model.rpn_pre_nms_top_n_train": 12000,
     "model.rpn_post_nms_top_n_train": 2000,
     "model.rpn_pre_nms_top_n_test": 6000,
@@ -78,7 +81,7 @@ OIM = {
     "model.feat_dim": 256,
     "model.roi_size": 14,
     "model.anchor_sizes": [128, 256, 512],
-    "model.anchor_ratios": [0.5, 1.0, 2.0],
+    "model.anchor_ratios": [2.0, 3.0, 4.0],
     "model.roi_positive_fraction": 0.25,
     "model.box_nms_thresh": 0.4,
     "model.min_size": 600,
@@ -193,15 +196,18 @@ def test_config_use_refuses_an_unknown_or_invalid_recipe(tmp_path):
 
 
 def _real_size_scene():
-    """One 800 x 600 scene with persons 60-420 px tall (the paper-scale preset's range)."""
-    generator = torch.Generator().manual_seed(0)
-    image = torch.rand(3, 600, 800, generator=generator) * 0.3
-    boxes = torch.tensor(
-        [[40.0, 100.0, 200.0, 520.0], [420.0, 200.0, 520.0, 460.0], [700.0, 300.0, 724.0, 360.0]]
+    """One training scene of the paper-scale synthetic preset, drawn as `psearch synth` does
+    (its first scene with a labelled person: CUHK-SYSU-like size, persons 50-500 px)."""
+    plan = plan_dataset("paper-scale", 0)
+    scene = next(
+        s for s in plan.scenes if s.split == "train" and any(f.identity >= 0 for f in s.figures())
     )
-    for (x1, y1, x2, y2), colour in zip(boxes.int().tolist(), (0.9, 0.5, 0.2), strict=True):
-        image[:, y1:y2, x1:x2] = colour
-    return [image], [{"boxes": boxes, "labels": torch.tensor([0, 1, -1])}]
+    image = torch.from_numpy(np.asarray(render(scene, plan.seed))).permute(2, 0, 1)
+    figures = scene.figures()
+    boxes = torch.tensor([(x, y, x + w, y + h) for x, y, w, h in (f.box for f in figures)])
+    boxes = boxes.float()
+    labels = torch.tensor([f.identity % 5 if f.identity >= 0 else -1 for f in figures])
+    return [image.float() / 255], [{"boxes": boxes, "labels": labels}]
 
 
 def _network(name: str, weights: str | None, **changes):
@@ -224,8 +230,8 @@ def test_each_recipe_trains_a_step_at_its_real_input_size(name):
     assert names <= set(losses) and all(torch.isfinite(losses[k]) for k in names)
     sum(losses[k] for k in names).backward()
     optimizer.step()
-    # The recipes' resizing: 600 x 800 stays 600 x 800 (shorter side 600, longer < 1000).
     assert net.transform.min_size == (600,) and net.transform.max_size == 1000
+    assert min(images[0].shape[1:]) >= 576  # a real-resolution scene, not a demo one
 
 
 def _imagenet_style_file(tmp_path: Path, arch: str) -> str:

@@ -2,7 +2,7 @@
 which DVC's dvc.yaml runs) and for Kubeflow (components/).
 
 An implementation that already takes the stage's inputs, outputs and typed params is the
-stage function itself, re-exported here (extract, extract_merge, evaluate, register,
+stage function itself, re-exported here (extract, extract_merge, index, evaluate, register,
 promote). The functions below add what the stage does around its implementation: a params
 section turned into arguments (synth, ingest); a training stage run with the serving layer's
 model logger, which the training code sits below and so is handed (pretrain, train).
@@ -20,6 +20,7 @@ from psearch.data.ingest import ingest as ingest_dataset
 from psearch.data.table import TableOptions
 from psearch.evaluation.run import evaluate
 from psearch.inference.extract import extract
+from psearch.inference.index import build_index as index
 from psearch.inference.shards import merge as extract_merge
 from psearch.registry import promote, register
 from psearch.synth import synthesize
@@ -30,6 +31,7 @@ __all__ = [
     "evaluate",
     "extract",
     "extract_merge",
+    "index",
     "ingest",
     "pretrain",
     "promote",

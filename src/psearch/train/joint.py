@@ -21,6 +21,7 @@ from psearch.data.manifest import Manifests
 from psearch.errors import PsearchError
 from psearch.models.idnet import transfer_idnet_weights
 from psearch.models.joint import JointNet, build_joint_net
+from psearch.train.anchor_check import manifest_coverage
 from psearch.train.pretrain import IDNET_FILE, was_skipped
 from psearch.train.runner import TrainingStage
 
@@ -61,6 +62,7 @@ class JointTraining(TrainingStage):
         self.init = resolve_init(init) if init is not None else None
         self.skipped_init = init is not None and self.init is None
         self.transferred: list[str] = []  # the model's keys copied from the IDNet
+        self.coverage: dict[str, Any] = {}  # anchor coverage of the training boxes
 
     def build_dataset(self, tables: Manifests, num_classes: int) -> SceneDataset:
         return SceneDataset(tables, num_classes, "train", hflip=self.cfg.hflip, seed=self.cfg.seed)
@@ -79,6 +81,26 @@ class JointTraining(TrainingStage):
             )
         return model
 
+    def startup_checks(self, tables: Manifests) -> list[str]:
+        """How well the anchors fit the training boxes at the training resolution: persons
+        no anchor reaches at IoU 0.7 are only learnt through their single best anchor."""
+        m = self.params.model
+        self.coverage = manifest_coverage(
+            tables,
+            "train",
+            min_size=m.min_size,
+            max_size=m.max_size,
+            anchor_sizes=m.anchor_sizes,
+            anchor_ratios=m.anchor_ratios,
+        )
+        c = self.coverage
+        anchors = f"{_join(m.anchor_sizes)} px x ratios {_join(m.anchor_ratios)}"
+        return [
+            f"anchors {anchors} at {m.min_size}/{m.max_size}: best anchor IoU >= 0.5 for "
+            f"{c['covered_iou_0.5']:.1%}, >= 0.7 for {c['covered_iou_0.7']:.1%} of "
+            f"{c['boxes']} training boxes"
+        ]
+
     def fingerprint_sections(self) -> dict[str, Any]:
         return {"model": to_dict(self.params.model), "train": to_dict(self.cfg)}
 
@@ -90,6 +112,7 @@ class JointTraining(TrainingStage):
             "train_images": len(dataset),
             "init": str(self.init) if self.init is not None else None,
             "init_transferred_keys": len(self.transferred),
+            "anchor_coverage": self.coverage,
         }
 
     def log_to_run(self) -> None:
@@ -97,8 +120,19 @@ class JointTraining(TrainingStage):
 
         mlflow.set_tag("psearch.init", str(self.init) if self.init is not None else "none")
         mlflow.log_param("init.transferred_keys", len(self.transferred))
+        if self.coverage:
+            mlflow.log_metrics(
+                {
+                    "anchor_coverage_iou_0.5": self.coverage["covered_iou_0.5"],
+                    "anchor_coverage_iou_0.7": self.coverage["covered_iou_0.7"],
+                }
+            )
         if self.transferred:
             mlflow.log_text("\n".join(self.transferred) + "\n", "init/transferred_keys.txt")
+
+
+def _join(values) -> str:
+    return "/".join(f"{v:g}" for v in values)
 
 
 def resolve_init(init: Path) -> Path | None:

@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import math
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,10 @@ class TrainingStage:
         """Added to run.json after num_classes."""
         return {}
 
+    def startup_checks(self, tables: Manifests) -> list[str]:
+        """Lines printed before training starts (rank 0): what the user should know first."""
+        return []
+
     def log_to_run(self) -> None:
         """Stage-specific details for the active MLflow run."""
 
@@ -90,6 +95,9 @@ class TrainingStage:
         tables = read_manifests(manifests)
         num_classes = num_train_identities(tables)
         dataset = self.build_dataset(tables, num_classes)
+        if ctx.is_main:
+            for line in self.startup_checks(tables):
+                print(f"{self.name}: {line}", file=sys.stderr, flush=True)
         seed_everything(self.cfg.seed)  # the same initial weights on every rank and every run
         model = self.build_model(num_classes)
         fingerprint = ckpt.fingerprint(
