@@ -2,8 +2,9 @@
 which DVC's dvc.yaml runs) and for Kubeflow (components/).
 
 An implementation that already takes the stage's inputs, outputs and typed params is the
-stage function itself, re-exported here (extract, extract_merge, index, evaluate, register,
-promote). The functions below add what the stage does around its implementation: a params
+stage function itself, re-exported here (extract, extract_video, extract_merge, index,
+evaluate, register, promote). The functions below add what the stage does around its
+implementation: a params
 section turned into arguments (synth, ingest); a training stage run with the serving layer's
 model logger, which the training code sits below and so is handed (pretrain, train).
 Importing this module imports torch: the command line imports it in the handlers that run a
@@ -22,6 +23,7 @@ from psearch.evaluation.run import evaluate
 from psearch.inference.extract import extract
 from psearch.inference.index import build_index as index
 from psearch.inference.shards import merge as extract_merge
+from psearch.inference.video_extract import extract_video
 from psearch.registry import promote, register
 from psearch.synth import synthesize
 from psearch.train.joint import JointTraining
@@ -31,6 +33,7 @@ __all__ = [
     "evaluate",
     "extract",
     "extract_merge",
+    "extract_video",
     "index",
     "ingest",
     "pretrain",
