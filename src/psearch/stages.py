@@ -4,9 +4,9 @@ which DVC's dvc.yaml runs) and for Kubeflow (components/).
 An implementation that already takes the stage's inputs, outputs and typed params is the
 stage function itself, re-exported here (extract, extract_video, extract_merge, index,
 evaluate, register, promote). The functions below add what the stage does around its
-implementation: a params
-section turned into arguments (synth, ingest); a training stage run with the serving layer's
-model logger, which the training code sits below and so is handed (pretrain, train).
+implementation: a params section turned into arguments (synth, ingest); a training stage run
+with the serving layer's model logger, which the training code sits below and so is handed
+(pretrain, train).
 Importing this module imports torch: the command line imports it in the handlers that run a
 stage, so `psearch --help` and `psearch evaluate` stay light.
 """
