@@ -15,6 +15,7 @@ from scipy.optimize import linear_sum_assignment
 from test_eval_cli import _evaluate, tiny_detections  # noqa: F401  (a fixture)
 from test_eval_vs_reference import _table, random_case
 
+from psearch.cbgm import match_image, selected
 from psearch.config import EvaluateConfig
 from psearch.data.manifest import Manifests
 from psearch.evaluation.cbgm import ContextReranker, query_people
@@ -232,7 +233,9 @@ def test_revised_similarities_match_a_plain_loop(seed):
         expected = reference_cbgm(manifests, dets, qfeats, p.size, det_thresh)
         for row in p.queries:
             sims = scorer.similarities(slice(row, row + 1))
-            got = scorer.protocol_similarities(p, row, row + 1, sims)[0]
+            got, best = scorer.protocol_similarities(p, row, row + 1, sims, scorer.image_max(sims))
+            np.testing.assert_array_equal(best, scorer.image_max(got))
+            got = got[0]
             members = np.flatnonzero(scorer.image_members(p, row, row + 1)[0])
             for image in members:
                 c0, c1 = scorer.image_ptr[image], scorer.image_ptr[image + 1]
@@ -278,3 +281,17 @@ def test_cli_cbgm_writes_the_usual_metrics(tiny_manifests, tiny_detections, tmp_
         print(
             f"\n[cbgm] tiny preset evaluate --cbgm: {seconds:.2f} s; gallery_100 mAP/top-1 change {g100}"
         )
+
+
+def test_selection_keeps_ties_and_skips_outsiders():
+    sims = np.array([0.9, 0.5, 0.7, 0.7, -np.inf, 0.1])
+    assert selected(sims, 3).tolist() == [True, False, True, True, False, False]
+    assert selected(sims, 2).tolist() == [True, False, True, True, False, False]  # tie at 2nd
+    assert selected(sims, 9).tolist() == [True, True, True, True, False, True]
+    assert not selected(sims, 0).any()
+
+
+def test_the_query_left_unassigned_revises_nothing():
+    people = np.stack([_axis(0), _axis(1)])
+    assert match_image(people, _axis(1)[None]) is None  # the companion takes the one candidate
+    assert match_image(people, np.stack([_axis(1), _mix(0.5, 0, 2)])) == (1, pytest.approx(1.5))

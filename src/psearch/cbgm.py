@@ -66,11 +66,12 @@ def selected(sims: np.ndarray, top: int = TOP_DETECTIONS) -> np.ndarray:
     """Step 2: which candidates are among the `top` most similar (ties with the last one
     included; -inf marks a candidate outside the gallery)."""
     finite = np.isfinite(sims)
+    count = int(finite.sum())
     if top <= 0:
         return np.zeros(len(sims), bool)
-    if finite.sum() <= top:
+    if count <= top:
         return finite
-    cut = np.partition(sims[finite], finite.sum() - top)[finite.sum() - top]
+    cut = np.partition(sims[finite], count - top)[count - top]  # the top-th largest
     return sims >= cut
 
 

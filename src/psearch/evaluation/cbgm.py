@@ -36,18 +36,26 @@ class ContextReranker:
         # (query row, image) -> (candidate, revised similarity) or None; shared by protocols.
         self._matches: dict[tuple[int, int], tuple[int, np.float32] | None] = {}
 
-    def revise(self, sims: np.ndarray, member: np.ndarray, q0: int) -> np.ndarray:
-        """`sims` (block, candidates) with CBGM applied; `member` (block, test images) says
-        which images are in each query's gallery; row r of the block is query row q0 + r."""
-        revised = sims.copy()
-        masked = np.where(member[:, self.cand_image], sims, -np.inf)
+    def revise(self, sims: np.ndarray, best: np.ndarray, member: np.ndarray, q0: int):
+        """(`sims`, `best`) with CBGM applied. `sims` (block, candidates); `best` (block, test
+        images): each image's highest similarity; `member` (block, test images): which images
+        are in each query's gallery; row r of the block is query row q0 + r."""
+        revised, revised_best = sims.copy(), best.copy()
+        image_best = np.where(member, best, -np.inf)
+        ptr = self.image_ptr
         for r in range(sims.shape[0]):
-            chosen = selected(masked[r], self.top_detections)
+            # The top candidates all lie in the images with the top maxima (ties included):
+            # look at those images' candidates only, not at every candidate of the gallery.
+            images = np.flatnonzero(selected(image_best[r], self.top_detections))
+            cand = np.concatenate([np.arange(ptr[i], ptr[i + 1]) for i in images] or [[]])
+            cand = cand.astype(np.int64)
+            chosen = cand[selected(sims[r, cand], self.top_detections)]
             for image in np.unique(self.cand_image[chosen]).tolist():
                 match = self._match(q0 + r, image)
                 if match is not None:
                     revised[r, match[0]] = match[1]
-        return revised
+                    revised_best[r, image] = revised[r, ptr[image] : ptr[image + 1]].max()
+        return revised, revised_best
 
     def _match(self, row: int, image: int) -> tuple[int, np.float32] | None:
         key = (row, image)

@@ -178,11 +178,12 @@ class SearchScorer:
         query = self.data.query_features[rows].astype(np.float64)
         return (query @ self.gallery.T).astype(np.float32)
 
-    def protocol_similarities(self, p: Protocol, q0: int, q1: int, sims: np.ndarray):
-        """The block's similarities as protocol `p` scores them: CBGM-revised when on."""
+    def protocol_similarities(self, p: Protocol, q0: int, q1: int, sims, best):
+        """(similarities, image maxima) of the block as protocol `p` scores them: CBGM-revised
+        when on."""
         if self.reranker is None:
-            return sims
-        return self.reranker.revise(sims, self.image_members(p, q0, q1), q0)
+            return sims, best
+        return self.reranker.revise(sims, best, self.image_members(p, q0, q1), q0)
 
     def expand(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(position in `image`, candidate) for every candidate of every listed image."""
@@ -263,8 +264,7 @@ class SearchScorer:
             sims = self.similarities(slice(q0, q1))
             best = self.image_max(sims)
             for p in protocols:
-                revised = self.protocol_similarities(p, q0, q1, sims)
-                top = best if revised is sims else self.image_max(revised)
+                revised, top = self.protocol_similarities(p, q0, q1, sims, best)
                 self._score_block(p, eligible[p.size], revised, top, q0, q1, results[p.size])
         return results
 
@@ -319,7 +319,7 @@ class SearchScorer:
         member = self.image_members(p, row, row + 1)[0]
         idx = np.flatnonzero(member[self.cand_image])
         sims = self.similarities(slice(row, row + 1))
-        sims = self.protocol_similarities(p, row, row + 1, sims)[0, idx]
+        sims = self.protocol_similarities(p, row, row + 1, sims, self.image_max(sims))[0][0, idx]
         g0, g1 = np.searchsorted(p.gt_query, [row, row + 1])
         correct = np.isin(self.candidates[idx], scores.positive[g0:g1])
         order = np.lexsort((correct, -sims))[:k]
