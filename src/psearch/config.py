@@ -185,6 +185,8 @@ class EvaluateConfig:
     # PRW convention: only frames from other cameras are in the gallery.
     cross_camera: bool = False
     worst_queries: int = 20
+    # Context bipartite graph matching (SeqNet's re-ranking, psearch.evaluation.cbgm).
+    cbgm: bool = False
     # False: skip the PNGs (and the matplotlib import); the CSVs are always written.
     plots: bool = True
 

@@ -154,6 +154,11 @@ def _add_search(subparsers, common: argparse.ArgumentParser) -> None:
         help="where the extraction's images are listed, when extraction.json's "
         "manifests path has moved",
     )
+    p.add_argument(
+        "--cbgm",
+        action="store_true",
+        help="re-rank with the other people of the query and gallery images (SeqNet's CBGM)",
+    )
 
 
 def _extract(args: argparse.Namespace) -> int:
@@ -255,6 +260,7 @@ def _search(args: argparse.Namespace) -> int:
         det_thresh=args.det_thresh,
         manifests=Path(args.manifests) if args.manifests else None,
         index=Path(args.index) if args.index else None,
+        cbgm=args.cbgm,
     )
     print(format_result(result, args.format), end="")
     return 0

@@ -5,7 +5,8 @@ was extracted with IDNet features). The gallery is either a folder of images, de
 with the same batching as `psearch extract`, or an extraction directory, whose stored
 detections are read instead of running the network over the gallery again. Detections below
 the detection threshold are dropped; each gallery image is ranked by its most similar
-detection (the query's own image is never in its gallery).
+detection (the query's own image is never in its gallery). With `cbgm`, similarities are
+re-ranked with the query image's other people first (psearch.cbgm, via inference.context).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import pyarrow.parquet as pq
 from psearch.config import Params
 from psearch.data.manifest import GALLERY_DETECTIONS, feature_dim, read_manifests
 from psearch.errors import PsearchError
+from psearch.inference.context import detect_query_image, rerank
 from psearch.inference.render import is_clip, render_clip, render_search
 from psearch.inference.video import FRAMES_FILE, frame_ref, is_video_extraction, read_frames
 from psearch.inference.writer import read_extraction_json
@@ -77,6 +79,7 @@ def search(
     det_thresh: float | None = None,
     manifests: Path | None = None,
     index: Path | None = None,
+    cbgm: bool = False,
 ) -> dict[str, Any]:
     """Rank the gallery's images for the person at `box` (x, y, w, h) in `query` (the gallery
     is `index`, a `psearch index` output, when given)."""
@@ -87,6 +90,8 @@ def search(
         raise PsearchError(f"--top-k {top_k}: must be at least 1")
     if (gallery is None) == (index is None):
         raise PsearchError("give one of --gallery or --index")
+    if cbgm and index is not None:
+        raise PsearchError("--cbgm needs --gallery: an index keeps no detections per image")
     query = Path(query)
     gallery = Path(gallery if index is None else index)
     height, width = _image_size(query)
@@ -119,10 +124,12 @@ def search(
         # The query's own image is never in its gallery (a folder listing skips it already).
         own = {p for p in set(image_paths.tolist()) if _same_file(Path(p), query)}
         keep = np.array([p not in own for p in image_paths], bool)
+        context = (boxes[~keep], scores[~keep], feats[~keep])  # the query image's, if stored
     elif gallery.is_dir():
         source, info = "folder", {"features": "joint"}
         image_paths, boxes, scores, feats = _detect_folder(gallery, query, joint, params, device)
         keep = scores >= thresh  # (stored detections were read with this threshold already)
+        context = detect_query_image(query, joint, params, device, thresh) if cbgm else None
     else:
         raise PsearchError(f"{gallery}: not found (a folder of images or a psearch extract output)")
     image_paths, boxes, scores, feats = image_paths[keep], boxes[keep], scores[keep], feats[keep]
@@ -132,7 +139,11 @@ def search(
             f"{gallery}: gallery features have {feats.shape[1]} dimensions, the query "
             f"{query_feature.shape[0]} (extracted with another model?)"
         )
-    matches = rank_images(image_paths, boxes, scores, feats @ query_feature, top_k)
+    sims = feats @ query_feature
+    if cbgm:
+        sims, note = rerank(sims, image_paths, feats, query_feature, query_xyxy[0], context)
+        notes.append(note)
+    matches = rank_images(image_paths, boxes, scores, sims, top_k)
     for match in matches:  # video frames: which video, which frame, when
         match.update(frames.get(match["image"], {}))
     return _result(query, [x, y, w, h], query_xyxy, gallery, source, thresh, matches, notes, out)
