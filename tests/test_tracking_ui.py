@@ -33,7 +33,10 @@ def test_run_names_say_stage_loss_backbone_and_data():
     params = load_params(None, ["train.loss.reid_loss=oim", "model.backbone=resnet50"])
     version = "sha256:3f2a9c0011"
     assert stage_run_name("train", params, version) == "train · oim · resnet50 · 3f2a9c"
-    assert stage_run_name("pretrain", params, version) == "pretrain · softmax · resnet50 · 3f2a9c"
+    # IDNet trains with train.loss unless the recipe gives it its own (the paper: softmax).
+    assert stage_run_name("pretrain", params, version) == "pretrain · oim · resnet50 · 3f2a9c"
+    paper = load_params(None, ["pretrain.loss={reid_loss: softmax}", "model.backbone=vgg16"])
+    assert stage_run_name("pretrain", paper, version) == "pretrain · softmax · vgg16 · 3f2a9c"
     assert stage_run_name("extract", params, version, "gt+idnet") == "extract · gt+idnet · 3f2a9c"
     assert stage_run_name("evaluate", params, "unknown") == "evaluate"
     assert parent_run_name("kubeflow", "person-search-x") == "kubeflow · person-search-x"

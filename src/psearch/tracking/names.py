@@ -28,7 +28,8 @@ def stage_run_name(
 ) -> str:
     """`stage · detail · data digest`; the training stages' detail is their loss and backbone."""
     if not detail and stage == "pretrain":
-        detail = f"softmax{SEPARATOR}{params.model.backbone}"  # IDNet: a softmax over identities
+        idnet_loss = params.pretrain.loss or params.train.loss  # IDNet's own, else the joint's
+        detail = f"{idnet_loss.reid_loss}{SEPARATOR}{params.model.backbone}"
     elif not detail and stage == "train":
         detail = f"{params.train.loss.reid_loss}{SEPARATOR}{params.model.backbone}"
     parts = [stage, detail, short_digest(data_version, NAME_DIGEST_LENGTH)]
