@@ -72,13 +72,26 @@ def _log_model(model_file: Path, name: str) -> tuple[str, str]:
     return log_model(model_file, name)
 
 
-def pretrain(manifests: Path, out: Path, params: Params, resume: bool = False) -> dict[str, Any]:
+def pretrain(
+    manifests: Path,
+    out: Path,
+    params: Params,
+    resume: bool = False,
+    checkpoint_dir: Path | None = None,
+) -> dict[str, Any]:
     """IDNet pretraining on cropped boxes; writes `out/idnet.pt` (and logs it to MLflow).
-    A recipe without the stage (pretrain.enabled false) gets a marker directory instead."""
+    A recipe without the stage (pretrain.enabled false) gets a marker directory instead.
+    `checkpoint_dir` None: checkpoints in OUT.ckpt/ beside the output."""
     if not params.pretrain.enabled:
         return write_skipped(Path(out))
     stage = Pretraining(params)
-    return stage.run(Path(manifests), Path(out), resume=resume, log_model=_log_model)
+    return stage.run(
+        Path(manifests),
+        Path(out),
+        resume=resume,
+        log_model=_log_model,
+        checkpoint_dir=checkpoint_dir,
+    )
 
 
 def train(
@@ -87,7 +100,15 @@ def train(
     params: Params,
     init: Path | None = None,
     resume: bool = False,
+    checkpoint_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Joint detection + re-id training; writes `out/model.pt` (and logs it to MLflow)."""
+    """Joint detection + re-id training; writes `out/model.pt` (and logs it to MLflow).
+    `checkpoint_dir` None: checkpoints in OUT.ckpt/ beside the output."""
     stage = JointTraining(params, init=Path(init) if init else None)
-    return stage.run(Path(manifests), Path(out), resume=resume, log_model=_log_model)
+    return stage.run(
+        Path(manifests),
+        Path(out),
+        resume=resume,
+        log_model=_log_model,
+        checkpoint_dir=checkpoint_dir,
+    )
