@@ -92,9 +92,10 @@ def _training(task: dsl.PipelineTask, settings: PipelineSettings) -> None:
         kubernetes.mount_pvc(
             task, pvc_name=settings.checkpoint_pvc, mount_path=settings.checkpoint_mount
         )
-    task.set_retry(
-        num_retries=settings.train_retries, backoff_duration=TRAIN_BACKOFF, backoff_factor=2.0
-    )
+    if settings.train_retries:
+        task.set_retry(
+            num_retries=settings.train_retries, backoff_duration=TRAIN_BACKOFF, backoff_factor=2.0
+        )
 
 
 def _configure(
@@ -196,9 +197,12 @@ def build_pipeline(default_params: str, settings: PipelineSettings, with_pretrai
                 )
                 _configure(extract, "extract", settings, cache=True, tracked=False, dataset=True)
                 # A shard lost to a preempted GPU node is retried, not the whole run.
-                extract.set_retry(
-                    num_retries=settings.extract_retries, backoff_duration="60s", backoff_factor=2.0
-                )
+                if settings.extract_retries:
+                    extract.set_retry(
+                        num_retries=settings.extract_retries,
+                        backoff_duration="60s",
+                        backoff_factor=2.0,
+                    )
 
             merge = c.extract_merge(parts=dsl.Collected(extract.outputs["detections"]))
             _configure(merge, "extract_merge", settings, cache=True, tracked=False)
