@@ -19,18 +19,9 @@ def pretrain(
     # Imports inside the body: KFP runs only this function's source in the pod.
     from pathlib import Path
 
-    from components.runtime import (
-        checkpoint_location,
-        drop_checkpoints,
-        stage_params,
-        summary_line,
-    )
+    from components.runtime import stage_params, train_resumably
     from psearch import stages
 
     cfg = stage_params(params_json, pipeline_run_id)
-    checkpoints = checkpoint_location(checkpoint_root, kfp_run_id, "pretrain")
-    summary = stages.pretrain(
-        Path(manifests.path), Path(idnet.path), cfg, resume=True, checkpoint_dir=checkpoints
-    )
-    drop_checkpoints(checkpoints)
-    print(summary_line("pretrain", summary))
+    paths = Path(manifests.path), Path(idnet.path)
+    train_resumably(stages.pretrain, "pretrain", checkpoint_root, kfp_run_id, *paths, cfg)

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +164,17 @@ def tree_digest(root: str | Path) -> str:
             line = f"{path.relative_to(root).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n"
             digest.update(line.encode())
     return "sha256:" + digest.hexdigest()
+
+
+def train_resumably(
+    train: Callable[..., Any], stage: str, checkpoint_root: str, kfp_run_id: str, *args, **kwargs
+) -> None:
+    """Run a psearch.stages training function (pretrain, train) as a retried KFP task does:
+    checkpoints in checkpoint_location, resuming from them, dropped once the model is out."""
+    checkpoints = checkpoint_location(checkpoint_root, kfp_run_id, stage)
+    summary = train(*args, resume=True, checkpoint_dir=checkpoints, **kwargs)
+    drop_checkpoints(checkpoints)
+    print(summary_line(stage, summary))
 
 
 def checkpoint_location(root: str, kfp_run_id: str, stage: str) -> Path | None:

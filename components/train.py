@@ -23,24 +23,10 @@ def train(
     # Imports inside the body: KFP runs only this function's source in the pod.
     from pathlib import Path
 
-    from components.runtime import (
-        checkpoint_location,
-        drop_checkpoints,
-        stage_params,
-        summary_line,
-    )
+    from components.runtime import stage_params, train_resumably
     from psearch import stages
 
     cfg = stage_params(params_json, pipeline_run_id)
     init = Path(idnet.path) if idnet is not None else None
-    checkpoints = checkpoint_location(checkpoint_root, kfp_run_id, "train")
-    summary = stages.train(
-        Path(manifests.path),
-        Path(model.path),
-        cfg,
-        init=init,
-        resume=True,
-        checkpoint_dir=checkpoints,
-    )
-    drop_checkpoints(checkpoints)
-    print(summary_line("train", summary))
+    paths = Path(manifests.path), Path(model.path)
+    train_resumably(stages.train, "train", checkpoint_root, kfp_run_id, *paths, cfg, init=init)

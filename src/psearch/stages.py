@@ -85,13 +85,7 @@ def pretrain(
     if not params.pretrain.enabled:
         return write_skipped(Path(out))
     stage = Pretraining(params)
-    return stage.run(
-        Path(manifests),
-        Path(out),
-        resume=resume,
-        log_model=_log_model,
-        checkpoint_dir=checkpoint_dir,
-    )
+    return stage.run(Path(manifests), Path(out), resume, _log_model, checkpoint_dir)
 
 
 def train(
@@ -105,10 +99,4 @@ def train(
     """Joint detection + re-id training; writes `out/model.pt` (and logs it to MLflow).
     `checkpoint_dir` None: checkpoints in OUT.ckpt/ beside the output."""
     stage = JointTraining(params, init=Path(init) if init else None)
-    return stage.run(
-        Path(manifests),
-        Path(out),
-        resume=resume,
-        log_model=_log_model,
-        checkpoint_dir=checkpoint_dir,
-    )
+    return stage.run(Path(manifests), Path(out), resume, _log_model, checkpoint_dir)
