@@ -23,6 +23,7 @@ from kfp import dsl
 
 from components import (
     close_runs,
+    dataset_digest,
     evaluate,
     extract,
     extract_merge,
@@ -38,6 +39,7 @@ from components import (
 # Stage name -> module; the stage name is also the key of its resources in the settings.
 MODULES: dict[str, ModuleType] = {
     "tracking": tracking,
+    "dataset_digest": dataset_digest,
     "ingest": ingest,
     "pretrain": pretrain,
     "train": train,

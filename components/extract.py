@@ -8,12 +8,14 @@ IMAGE = "gpu"
 def extract(
     manifests: Input[Dataset],
     model: Input[Model],
+    dataset_digest: str,
     params_json: str,
     shard_index: int,
     shard_count: int,
     detections: Output[Dataset],
 ):
-    """Run the trained model over shard `shard_index` of `shard_count` of the test images."""
+    """Run the trained model over shard `shard_index` of `shard_count` of the test images.
+    `dataset_digest` is not read: it keys this task's cache on the images it reads."""
     # Imports inside the body: KFP runs only this function's source in the pod.
     from pathlib import Path
 

@@ -5,8 +5,9 @@ from kfp.dsl import Dataset, Output
 IMAGE = "cpu"
 
 
-def ingest(dataset_root: str, params_json: str, manifests: Output[Dataset]):
-    """Read the raw dataset at `dataset_root`; write the manifests artifact."""
+def ingest(dataset_root: str, dataset_digest: str, params_json: str, manifests: Output[Dataset]):
+    """Read the raw dataset at `dataset_root`; write the manifests artifact. `dataset_digest`
+    (the dataset_digest task's output) is not read: it keys this task's cache on the data."""
     # Imports inside the body: KFP runs only this function's source in the pod.
     from pathlib import Path
 
@@ -16,3 +17,4 @@ def ingest(dataset_root: str, params_json: str, manifests: Output[Dataset]):
     cfg = stage_params(params_json)
     summary = stages.ingest(Path(dataset_root), Path(manifests.path), cfg.ingest)
     print(summary_line("ingest", summary))
+    print(f"psearch ingest: dataset {dataset_digest}")

@@ -5,15 +5,21 @@ psearch.stages function; the few steps they share live here so that the bodies
 stay a few lines each: the pipeline's `params_json` parameter (written from
 typed Params at compile/submit time, read back into validated Params in every
 task), the pipeline's MLflow parent run (a psearch.tracking.ParentRun found by
-its `kfp.run_id` tag), the promotion decision, and finding the shards' parts.
+its `kfp.run_id` tag), the promotion decision, finding the shards' parts, the
+raw dataset's digest (the cache key of the tasks that read the PVC) and where a
+training task keeps its checkpoints so that a retry resumes.
 
 The DAG (pipelines/) imports this package and never the other way round.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +31,16 @@ from psearch.tracking import PARENT_RUN_ENV, ParentRun
 
 # The tag that finds a Kubeflow run's MLflow parent run again in close-runs.
 KFP_RUN_TAG = "kfp.run_id"
-# KFP's final task states -> MLflow run statuses.
-MLFLOW_STATUS = {"SUCCEEDED": "FINISHED", "FAILED": "FAILED", "CANCELED": "KILLED"}
+# KFP's final task states -> MLflow run statuses. The exit handler's PipelineTaskFinalStatus
+# spells a cancelled run CANCELLED (kfp.dsl); the REST API's run states spell it CANCELED
+# (and CANCELING while pods are being stopped): all of them mean the user killed the run.
+MLFLOW_STATUS = {
+    "SUCCEEDED": "FINISHED",
+    "FAILED": "FAILED",
+    "CANCELLED": "KILLED",
+    "CANCELED": "KILLED",
+    "CANCELING": "KILLED",
+}
 
 
 def params_tree(params: Params) -> dict[str, Any]:
@@ -76,8 +90,8 @@ def close_pipeline_runs(params: Params, kfp_run_id: str, state: str) -> list[str
 
     Run by the pipeline's exit handler whatever happened: the parent run (found by its
     `kfp.run_id` tag) and any stage run under it that a killed pod left RUNNING get the
-    status of the pipeline's final state (SUCCEEDED -> FINISHED, FAILED -> FAILED,
-    CANCELED -> KILLED).
+    status of the pipeline's final state (SUCCEEDED -> FINISHED, CANCELLED -> KILLED,
+    anything else -> FAILED).
     """
     if not params.tracking.enabled:
         return []
@@ -128,3 +142,57 @@ def decision_metric(metrics: dict[str, float], name: str) -> float:
 def summary_line(stage: str, summary: Any) -> str:
     """A stage's returned summary as one JSON log line (paths and numpy scalars as text)."""
     return f"psearch {stage}: " + json.dumps(summary, default=str, sort_keys=True)
+
+
+def tree_digest(root: str | Path) -> str:
+    """A digest of the raw dataset under `root`: every file's relative path, size and
+    modification time (not the bytes: the listing of a 50 GB PVC takes seconds, reading it
+    minutes, on every run). It is the input that keys the cache of the tasks reading the PVC.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise PsearchError(f"{root}: the dataset directory does not exist")
+    digest = hashlib.sha256()
+    for folder, subfolders, files in os.walk(root):
+        subfolders.sort()  # os.walk's order is the file system's; the digest must not be
+        for name in sorted(files):
+            path = Path(folder) / name
+            try:
+                stat = path.stat()
+            except OSError as exc:  # a dangling link, a file removed while listing
+                raise PsearchError(f"{path}: cannot read ({exc.strerror})") from None
+            line = f"{path.relative_to(root).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n"
+            digest.update(line.encode())
+    return "sha256:" + digest.hexdigest()
+
+
+def train_resumably(
+    train: Callable[..., Any], stage: str, checkpoint_root: str, kfp_run_id: str, *args, **kwargs
+) -> None:
+    """Run a psearch.stages training function (pretrain, train) as a retried KFP task does:
+    checkpoints in checkpoint_location, resuming from them, dropped once the model is out."""
+    checkpoints = checkpoint_location(checkpoint_root, kfp_run_id, stage)
+    summary = train(*args, resume=True, checkpoint_dir=checkpoints, **kwargs)
+    drop_checkpoints(checkpoints)
+    print(summary_line(stage, summary))
+
+
+def checkpoint_location(root: str, kfp_run_id: str, stage: str) -> Path | None:
+    """Where a training task keeps its checkpoints: ROOT/<KFP run id>/<stage> on the checkpoint
+    PVC, the same for every retry of the task in that run, so a retry resumes. An empty `root`
+    (no checkpoint PVC, or run-local) gives None: beside the output artifact, in the pod.
+    """
+    if not root:
+        return None
+    if not kfp_run_id:
+        raise PsearchError(f"{stage}: a checkpoint root without a KFP run id")
+    return Path(root) / kfp_run_id / stage
+
+
+def drop_checkpoints(location: Path | None) -> None:
+    """Remove a finished task's checkpoints (the model is in its output artifact now)."""
+    if location is None:
+        return
+    shutil.rmtree(location, ignore_errors=True)
+    with contextlib.suppress(OSError):  # not empty: another stage's checkpoints are there
+        location.parent.rmdir()  # the run's directory, once its last stage is done

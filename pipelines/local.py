@@ -6,12 +6,16 @@ ParallelFor, Collected and If as in the cluster. It cannot mount PVCs (and
 ignores every other kfp-kubernetes and resource setting), so the raw dataset
 is synthesised into the work directory and handed to the DAG through its
 `dataset_root` parameter, which in the cluster points into the mounted PVC.
-Tracking goes to a SQLite MLflow store in the work directory.
+Tracking goes to a SQLite MLflow store in the work directory. kfp.local does honour
+retry policies (with their backoff), so the DAG is built here without task retries:
+on one machine a failure is a bug to read about at once, not a lost node to wait for
+(300 s, then 600 s, before a failed training would be reported).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import re
 import warnings
@@ -23,6 +27,7 @@ from kfp import local
 
 from components.runtime import params_json
 from pipelines.compile import pipeline_function
+from pipelines.settings import PipelineSettings, settings_for
 from psearch.config import Params
 from psearch.errors import PsearchError
 from psearch.synth import synthesize
@@ -44,6 +49,13 @@ def _local_environment(workdir: Path, tracking_uri: str) -> Iterator[None]:
             os.environ["MLFLOW_TRACKING_URI"] = old_uri
 
 
+def local_settings(params: Params) -> PipelineSettings:
+    """The cluster's settings without task retries (see the module's docstring)."""
+    settings = copy.copy(settings_for(params))
+    settings.train_retries = settings.extract_retries = 0
+    return settings
+
+
 def _latest_run_dir(pipeline_root: Path, before: set[Path]) -> Path | None:
     runs = [p for p in pipeline_root.iterdir() if p.is_dir() and p not in before]
     return max(runs, key=lambda p: p.stat().st_mtime) if runs else None
@@ -63,7 +75,7 @@ def run_local(params: Params, workdir: str | Path, preset: str = "tiny") -> dict
     pipeline_root.mkdir(exist_ok=True)
     before = set(pipeline_root.iterdir())
 
-    func = pipeline_function(params)
+    func = pipeline_function(params, local_settings(params))
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root))
     with _local_environment(workdir, tracking_uri), warnings.catch_warnings():
         # Images, resources and GPUs are for the cluster; kfp.local says it ignores them

@@ -1,7 +1,7 @@
 """The person-search pipeline as a Kubeflow Pipelines v2 DAG.
 
-    tracking ─┐
-    ingest ───┴─► pretrain ─► train ─► extract × N shards (ParallelFor) ─► extract_merge (Collected)
+    tracking ─────────────────┐
+    dataset_digest ─► ingest ─┴─► pretrain ─► train ─► extract × N shards (ParallelFor) ─► extract_merge (Collected)
                                                                                 │
              promote ◄── dsl.If(beats champion) ◄── register ◄── evaluate ◄─────┤
                                                                     index ◄─────┘
@@ -19,6 +19,13 @@ placement, number of extraction shards) shape the DAG itself; see
 pipelines.settings. `build_pipeline` returns the @dsl.pipeline function;
 `psearch pipeline compile` (pipelines.compile) writes it to pipelines/person_search.yaml.
 
+Hardening for a real cluster (issue #15): the PVC readers' cache is keyed on the
+dataset's digest; pretrain/train are retried with a timeout and keep their
+checkpoints on the checkpoint PVC, so a retry resumes; every task has an image
+pull policy (images pinned by digest when the settings give one); GPU tasks get a
+memory-backed /dev/shm. kfp-kubernetes 2.17 cannot mount a PVC read-only (its
+PvcMount has no such field): the dataset volume must be read-only itself.
+
 Only kfp-kubernetes and resource settings are cluster-specific; kfp.local ignores
 them without error (checked in tests/test_pipeline_local.py), so `psearch pipeline
 run-local` runs this very DAG, passing a local dataset_root instead of the PVC.
@@ -26,15 +33,30 @@ run-local` runs this very DAG, passing a local dataset_root instead of the PVC.
 
 from kfp import dsl, kubernetes
 
-from components import build_components
+from components import MODULES, build_components
 from pipelines.settings import PipelineSettings
+
+# The memory-backed emptyDir mounted over /dev/shm in GPU tasks.
+SHM_VOLUME = "dshm"
+# Back-off before a retried training task starts again (doubling each time).
+TRAIN_BACKOFF = "300s"
 
 
 def _resources(task: dsl.PipelineTask, stage: str, settings: PipelineSettings) -> None:
     res = settings.resources[stage]
     task.set_cpu_request(res.cpu_request).set_cpu_limit(res.cpu_limit)
     task.set_memory_request(res.memory_request).set_memory_limit(res.memory_limit)
+    if res.timeout_hours:
+        kubernetes.set_timeout(task, round(res.timeout_hours * 3600))
     if res.gpus:
+        # DataLoader workers hand batches over through /dev/shm; a pod gets 64 MiB by default.
+        kubernetes.empty_dir_mount(
+            task,
+            volume_name=SHM_VOLUME,
+            mount_path="/dev/shm",
+            medium="Memory",
+            size_limit=settings.shm_size,
+        )
         task.set_accelerator_type(settings.gpu_resource).set_accelerator_limit(res.gpus)
         # GPU nodes are usually labelled and tainted so that only GPU work lands there.
         for key, value in settings.gpu_node_selector.items():
@@ -59,8 +81,21 @@ def _credentials(task: dsl.PipelineTask, settings: PipelineSettings) -> None:
 
 
 def _dataset(task: dsl.PipelineTask, settings: PipelineSettings) -> None:
-    """The raw images, read by every stage that opens them (manifests store paths under it)."""
+    """The raw images, read by every stage that opens them (manifests store paths under it).
+    Writable as far as KFP goes: mount_pvc has no read-only option (see docs/kubeflow.md)."""
     kubernetes.mount_pvc(task, pvc_name=settings.dataset_pvc, mount_path=settings.dataset_mount)
+
+
+def _training(task: dsl.PipelineTask, settings: PipelineSettings) -> None:
+    """A preempted GPU node fails the task; the retry resumes from the checkpoint PVC."""
+    if settings.checkpoint_pvc:
+        kubernetes.mount_pvc(
+            task, pvc_name=settings.checkpoint_pvc, mount_path=settings.checkpoint_mount
+        )
+    if settings.train_retries:
+        task.set_retry(
+            num_retries=settings.train_retries, backoff_duration=TRAIN_BACKOFF, backoff_factor=2.0
+        )
 
 
 def _configure(
@@ -74,6 +109,7 @@ def _configure(
 ) -> dsl.PipelineTask:
     task.set_display_name(stage.replace("_", "-"))
     task.set_caching_options(cache)
+    kubernetes.set_image_pull_policy(task, settings.pull_policy(MODULES[stage].IMAGE))
     _resources(task, stage, settings)
     if tracked:
         _credentials(task, settings)
@@ -109,40 +145,64 @@ def build_pipeline(default_params: str, settings: PipelineSettings, with_pretrai
             _configure(run, "tracking", settings, cache=False)
             run_id = run.output
 
-            ingest = c.ingest(dataset_root=dataset_root, params_json=params_json)
+            # KFP keys a task's cache on its inputs and, for a PVC, on the claim's name only:
+            # the tasks reading the PVC take the data's digest (computed on every run) as an
+            # input, so changed data is never served stale manifests or detections.
+            digest = c.dataset_digest(dataset_root=dataset_root)
+            _configure(digest, "dataset_digest", settings, cache=False, tracked=False, dataset=True)
+            dataset_digest = digest.output
+
+            ingest = c.ingest(
+                dataset_root=dataset_root, dataset_digest=dataset_digest, params_json=params_json
+            )
             # Ingest is a pure function of the raw data and params: rerunning a configuration
-            # (a retry after a failed training) reuses its manifests.
+            # (a retry after a failed training) reuses its manifests while the data is the same.
             _configure(ingest, "ingest", settings, cache=True, tracked=False, dataset=True)
             manifests = ingest.outputs["manifests"]
 
             init = {}
             if with_pretrain:
                 pretrain = c.pretrain(
-                    manifests=manifests, params_json=params_json, pipeline_run_id=run_id
+                    manifests=manifests,
+                    params_json=params_json,
+                    pipeline_run_id=run_id,
+                    checkpoint_root=settings.checkpoint_root(),
+                    kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
                 )
                 _configure(pretrain, "pretrain", settings, cache=False, dataset=True)
+                _training(pretrain, settings)
                 init["idnet"] = pretrain.outputs["idnet"]
 
             train = c.train(
-                manifests=manifests, params_json=params_json, pipeline_run_id=run_id, **init
+                manifests=manifests,
+                params_json=params_json,
+                pipeline_run_id=run_id,
+                checkpoint_root=settings.checkpoint_root(),
+                kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                **init,
             )
             # Training is never cached: each run is a new model and a new MLflow run.
             _configure(train, "train", settings, cache=False, dataset=True)
+            _training(train, settings)
             model = train.outputs["model"]
 
             with dsl.ParallelFor(shards, name="extract-shards") as shard:
                 extract = c.extract(
                     manifests=manifests,
                     model=model,
+                    dataset_digest=dataset_digest,
                     params_json=params_json,
                     shard_index=shard,
                     shard_count=len(shards),
                 )
                 _configure(extract, "extract", settings, cache=True, tracked=False, dataset=True)
                 # A shard lost to a preempted GPU node is retried, not the whole run.
-                extract.set_retry(
-                    num_retries=settings.extract_retries, backoff_duration="60s", backoff_factor=2.0
-                )
+                if settings.extract_retries:
+                    extract.set_retry(
+                        num_retries=settings.extract_retries,
+                        backoff_duration="60s",
+                        backoff_factor=2.0,
+                    )
 
             merge = c.extract_merge(parts=dsl.Collected(extract.outputs["detections"]))
             _configure(merge, "extract_merge", settings, cache=True, tracked=False)

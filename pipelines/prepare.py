@@ -6,7 +6,9 @@ With the official `kubernetes` client, before anything is submitted:
    the user's environment (created, or replaced when they changed: read first,
    so running it twice changes nothing);
 3. the dataset PVC exists (created empty when missing: the dataset is copied
-   into it once, see docs/kubeflow.md);
+   into it once, see docs/kubeflow.md), and whether its volume is read-only
+   (kfp-kubernetes cannot mount a PVC read-only, so the volume must be);
+   the checkpoint PVC exists (created when missing);
 4. nodes with the GPU label exist, have allocatable GPUs and no taint the GPU
    tasks do not tolerate.
 Every finding is one plain line; problems make the command fail.
@@ -83,6 +85,8 @@ def prepare(
             return report
         _secret(api, namespace, settings, environ, report)
         _dataset_pvc(api, namespace, settings, report)
+        if settings.checkpoint_pvc:
+            _checkpoint_pvc(api, namespace, settings, report)
         _gpu_nodes(api, settings, report)
     except ApiException as exc:
         raise PsearchError(f"Kubernetes API: {exc.status} {exc.reason}".strip()) from None
@@ -142,28 +146,36 @@ def _secret(api, namespace, settings: PipelineSettings, environ, report: Prepare
     report.changed("updated", f"secret {name} now holds {keys}")
 
 
-def _dataset_pvc(api, namespace: str, settings: PipelineSettings, report: PrepareReport) -> None:
-    name = settings.dataset_pvc
+def _read_or_create_pvc(
+    api, namespace: str, name: str, size: str, mode: str, storage_class: str | None
+) -> Any:
+    """The PVC `name`, or None after creating it (`size`, access `mode`)."""
     try:
-        pvc = api.read_namespaced_persistent_volume_claim(name, namespace)
+        return api.read_namespaced_persistent_volume_claim(name, namespace)
     except ApiException as exc:
         if exc.status != 404:
             raise
-        spec = client.V1PersistentVolumeClaimSpec(
-            access_modes=[settings.dataset_pvc_access_mode],
-            resources=client.V1VolumeResourceRequirements(
-                requests={"storage": settings.dataset_pvc_size}
-            ),
-            storage_class_name=settings.dataset_storage_class,
-        )
-        body = client.V1PersistentVolumeClaim(
-            metadata=client.V1ObjectMeta(name=name, labels=MANAGED_BY), spec=spec
-        )
-        api.create_namespaced_persistent_volume_claim(namespace, body)
+    spec = client.V1PersistentVolumeClaimSpec(
+        access_modes=[mode],
+        resources=client.V1VolumeResourceRequirements(requests={"storage": size}),
+        storage_class_name=storage_class,
+    )
+    body = client.V1PersistentVolumeClaim(
+        metadata=client.V1ObjectMeta(name=name, labels=MANAGED_BY), spec=spec
+    )
+    api.create_namespaced_persistent_volume_claim(namespace, body)
+    return None
+
+
+def _dataset_pvc(api, namespace: str, settings: PipelineSettings, report: PrepareReport) -> None:
+    name, mode = settings.dataset_pvc, settings.dataset_pvc_access_mode
+    size, storage_class = settings.dataset_pvc_size, settings.dataset_storage_class
+    pvc = _read_or_create_pvc(api, namespace, name, size, mode, storage_class)
+    if pvc is None:
         report.changed(
             "created",
-            f"pvc {name} ({settings.dataset_pvc_size}, {settings.dataset_pvc_access_mode}); "
-            "it is empty: copy the raw dataset into it (docs/kubeflow.md, step 5)",
+            f"pvc {name} ({size}, {mode}); it is empty: copy the raw dataset into it, then make "
+            "its volume read-only (docs/kubeflow.md, step 5)",
         )
         return
     phase = pvc.status.phase if pvc.status else None
@@ -174,6 +186,43 @@ def _dataset_pvc(api, namespace: str, settings: PipelineSettings, report: Prepar
             f"pvc {name} is ReadWriteOnce: extraction shards on different nodes cannot all "
             "mount it; use ReadWriteMany/ReadOnlyMany storage or pipeline.extract_shards: 1"
         )
+    _read_only_volume(api, pvc, report)
+
+
+def _read_only_volume(api, pvc, report: PrepareReport) -> None:
+    """Say whether the dataset's volume is read-only. KFP's mount_pvc has no read-only flag
+    (kfp-kubernetes 2.17's PvcMount: name, mount path, sub-path), so the tasks see the dataset
+    writable unless its PersistentVolume's source is `readOnly: true`."""
+    name = pvc.metadata.name
+    volume = pvc.spec.volume_name if pvc.spec else None
+    if not volume:
+        report.warn(f"pvc {name} is not bound yet: cannot tell whether its volume is read-only")
+        return
+    try:
+        pv = api.read_persistent_volume(volume)
+    except ApiException as exc:
+        if exc.status != 403:
+            raise
+        report.warn(f"not allowed to read pv {volume}: read-only check skipped (ask an admin)")
+        return
+    sources = pv.to_dict().get("spec") or {}
+    if any(isinstance(v, dict) and v.get("read_only") for v in sources.values()):
+        report.ok(f"pvc {name} is on a read-only volume ({volume})")
+        return
+    report.warn(
+        f"pvc {name}: its volume {volume} is writable, and KFP cannot mount a PVC read-only: "
+        "a task could change the dataset; bind the PVC to a read-only PersistentVolume "
+        "(docs/kubeflow.md, step 5)"
+    )
+
+
+def _checkpoint_pvc(api, namespace: str, settings: PipelineSettings, report: PrepareReport) -> None:
+    # One training task writes at a time: ReadWriteOnce is enough, on the default class.
+    name, size = settings.checkpoint_pvc, settings.checkpoint_pvc_size
+    if _read_or_create_pvc(api, namespace, name, size, "ReadWriteOnce", None) is None:
+        report.changed("created", f"pvc {name} ({size}, ReadWriteOnce) for training checkpoints")
+    else:
+        report.ok(f"pvc {name} exists (training checkpoints)")
 
 
 def _tolerated(taint, tolerations: list[Toleration]) -> bool:

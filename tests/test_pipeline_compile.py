@@ -1,4 +1,6 @@
-"""The compiled Kubeflow pipeline (KFP IR): stages, edges, fan-out, condition, cluster settings."""
+"""The compiled Kubeflow pipeline (KFP IR): stages, edges, fan-out, condition, cluster settings,
+and the cluster hardening of issue #15 (cache keyed on the data, training retries, timeouts and
+checkpoints on a PVC, digest-pinned images and pull policy, a memory-backed /dev/shm)."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from psearch.errors import PsearchError
 REPO = Path(__file__).resolve().parents[1]
 STAGES = {
     "tracking",
+    "dataset-digest",
     "ingest",
     "pretrain",
     "train",
@@ -96,11 +99,12 @@ def test_dag_edges(compiled):
     def deps(name: str) -> set[str]:
         return set(root[name].get("dependentTasks", []))
 
-    assert deps("ingest") == set()
+    assert deps("dataset-digest") == set()
+    assert deps("ingest") == {"dataset-digest"}
     assert deps("pretrain") == {"ingest", "tracking"}
     assert deps("train") == {"ingest", "pretrain", "tracking"}
     loop = next(name for name in root if name.startswith("for-loop"))
-    assert deps(loop) == {"ingest", "train"}
+    assert deps(loop) == {"dataset-digest", "ingest", "train"}
     assert deps("extract-merge") == {loop}
     assert deps("evaluate") == {"extract-merge", "ingest"}
     assert deps("index") == {"extract-merge", "ingest", "train"}  # beside evaluate
@@ -208,14 +212,14 @@ def test_credentials_come_from_the_secret_and_the_dataset_from_the_pvc(compiled)
         else:
             assert "secretAsEnv" not in config, stage
         mounts = config.get("pvcMount", [])
-        if stage in {"ingest", "pretrain", "train", "extract"}:
-            assert mounts == [
-                {
-                    "constant": "psearch-dataset",
-                    "mountPath": "/mnt/dataset",
-                    "pvcNameParameter": {"runtimeValue": {"constant": "psearch-dataset"}},
-                }
-            ]
+        if stage in {"dataset-digest", "ingest", "pretrain", "train", "extract"}:
+            assert mounts[0] == {
+                "constant": "psearch-dataset",
+                "mountPath": "/mnt/dataset",
+                "pvcNameParameter": {"runtimeValue": {"constant": "psearch-dataset"}},
+            }
+            # The training tasks' checkpoints go to their own PVC (test_training_...).
+            assert len(mounts) == (2 if stage in {"pretrain", "train"} else 1), stage
         else:
             assert mounts == [], stage
     # No credential is a literal in the spec: no task sets environment variables itself.
@@ -234,11 +238,143 @@ def test_caching_and_retries(compiled):
         return tasks[name].get("cachingOptions", {}).get("enableCache", False)
 
     assert cached("ingest")
-    for stage in ("tracking", "pretrain", "train", "register", "promote", "close-runs"):
+    for stage in ("tracking", "dataset-digest", "pretrain", "train", "register", "promote"):
         assert not cached(stage), stage
+    assert not cached("close-runs")
     retry = tasks["extract"]["retryPolicy"]
     assert retry["maxRetryCount"] == 2 and retry["backoffDuration"] == "60s"
-    assert all("retryPolicy" not in t for name, t in tasks.items() if name != "extract")
+    for stage in ("pretrain", "train"):
+        retry = tasks[stage]["retryPolicy"]
+        assert retry["maxRetryCount"] == 2 and retry["backoffDuration"] == "300s", stage
+    retried = {"extract", "pretrain", "train"}
+    assert all("retryPolicy" not in t for name, t in tasks.items() if name not in retried)
+
+
+def test_the_pvc_readers_cache_is_keyed_on_the_dataset_digest(compiled):
+    """KFP's cache key holds a mounted PVC's name, not its content: ingest and extract (which
+    read the images there) take the digest a never-cached task computes on every run."""
+    spec, _ = compiled
+    tasks = _all_tasks(spec)
+    digest = tasks["dataset-digest"]
+    assert digest["inputs"]["parameters"]["dataset_root"] == {
+        "componentInputParameter": "pipelinechannel--dataset_root"  # the pipeline's parameter
+    }
+    assert tasks["ingest"]["inputs"]["parameters"]["dataset_digest"] == {
+        "taskOutputParameter": {"outputParameterKey": "Output", "producerTask": "dataset-digest"}
+    }
+    # Inside the ParallelFor the digest arrives as the loop's input.
+    extract = tasks["extract"]["inputs"]["parameters"]["dataset_digest"]
+    assert extract == {"componentInputParameter": "pipelinechannel--dataset-digest-Output"}
+    for stage in ("ingest", "extract"):
+        inputs = spec["components"][f"comp-{stage}"]["inputDefinitions"]["parameters"]
+        assert inputs["dataset_digest"]["parameterType"] == "STRING"
+
+
+def test_training_is_retried_with_a_timeout_and_checkpoints_on_a_pvc(tmp_path, compiled):
+    spec, platform = compiled
+    tasks = _all_tasks(spec)
+    hours = {"pretrain": 24, "train": 72, "extract": 12}
+    for stage in STAGES:
+        deadline = platform.get(f"exec-{stage}", {}).get("activeDeadlineSeconds")
+        assert deadline == (str(hours[stage] * 3600) if stage in hours else None), stage
+    for stage in ("pretrain", "train"):
+        mounts = platform[f"exec-{stage}"]["pvcMount"]
+        assert {"constant": "psearch-checkpoints", "mountPath": "/mnt/checkpoints"}.items() <= (
+            mounts[1].items()
+        )
+        args = tasks[stage]["inputs"]["parameters"]
+        assert args["checkpoint_root"] == {"runtimeValue": {"constant": "/mnt/checkpoints"}}
+        # The KFP run id: the same in every retry of the task, another in the next run.
+        assert args["kfp_run_id"] == {"runtimeValue": {"constant": "{{$.pipeline_job_uuid}}"}}
+
+    spec, platform = _compile(
+        tmp_path,
+        [
+            "pipeline.checkpoint_pvc=null",
+            "pipeline.train_retries=5",
+            "pipeline.resources={train: {timeout_hours: 0.5}, pretrain: {timeout_hours: 0}}",
+        ],
+    )
+    tasks = _all_tasks(spec)
+    assert tasks["train"]["retryPolicy"]["maxRetryCount"] == 5
+    assert tasks["train"]["inputs"]["parameters"]["checkpoint_root"] == {
+        "runtimeValue": {"constant": ""}
+    }
+    assert len(platform["exec-train"]["pvcMount"]) == 1  # only the dataset
+    assert platform["exec-train"]["activeDeadlineSeconds"] == "1800"
+    assert "activeDeadlineSeconds" not in platform["exec-pretrain"]
+
+
+def test_gpu_tasks_get_a_memory_backed_dev_shm(tmp_path, compiled):
+    _, platform = compiled
+    for stage in STAGES:
+        mounts = platform.get(f"exec-{stage}", {}).get("emptyDirMounts")
+        if stage in GPU_STAGES:
+            assert mounts == [
+                {
+                    "medium": "Memory",
+                    "mountPath": "/dev/shm",
+                    "sizeLimit": "8Gi",
+                    "volumeName": "dshm",
+                }
+            ], stage
+        else:
+            assert mounts is None, stage
+    _, platform = _compile(tmp_path, ["pipeline.shm_size=2Gi"])
+    assert platform["exec-train"]["emptyDirMounts"][0]["sizeLimit"] == "2Gi"
+
+
+DIGEST = "sha256:" + "ab" * 32
+
+
+def test_images_are_pinned_by_digest_and_pulled_by_policy(tmp_path, compiled, monkeypatch_module):
+    spec, platform = compiled
+    # A mutable tag: pulled again every time, so a re-pushed tag is never stale on a node.
+    for stage in STAGES:
+        assert platform[f"exec-{stage}"]["imagePullPolicy"] == "Always", stage
+
+    spec, platform = _compile(tmp_path, [f"pipeline.image_gpu_digest={DIGEST}"])
+    assert _executor(spec, "train")["image"] == f"ghcr.io/psearch/psearch-cuda:0.1.0@{DIGEST}"
+    assert _executor(spec, "ingest")["image"] == "ghcr.io/psearch/psearch:0.1.0"
+    assert platform["exec-train"]["imagePullPolicy"] == "IfNotPresent"  # a digest cannot change
+    assert platform["exec-ingest"]["imagePullPolicy"] == "Always"
+
+    spec, platform = _compile(
+        tmp_path, [f"pipeline.image_cpu_digest={DIGEST}", "pipeline.image_pull_policy=Never"]
+    )
+    assert _executor(spec, "ingest")["image"] == f"ghcr.io/psearch/psearch:0.1.0@{DIGEST}"
+    assert {platform[f"exec-{stage}"]["imagePullPolicy"] for stage in STAGES} == {"Never"}
+
+    # The environment's image is used as given, with its own digest if it has one.
+    monkeypatch_module.setenv("PSEARCH_IMAGE_CPU", f"registry.example/psearch@{DIGEST}")
+    spec, platform = _compile(tmp_path, [f"pipeline.image_cpu_digest=sha256:{'cd' * 32}"])
+    monkeypatch_module.delenv("PSEARCH_IMAGE_CPU")
+    assert _executor(spec, "ingest")["image"] == f"registry.example/psearch@{DIGEST}"
+    assert platform["exec-ingest"]["imagePullPolicy"] == "IfNotPresent"
+
+    # name:tag@digest is valid (the digest wins); two different pins are a contradiction.
+    tagged = f"ghcr.io/p/g:1@{DIGEST}"
+    spec, _ = _compile(
+        tmp_path, [f"pipeline.image_gpu={tagged}", f"pipeline.image_gpu_digest={DIGEST}"]
+    )
+    assert _executor(spec, "train")["image"] == f"ghcr.io/p/g:1@{DIGEST}"
+    other = f"pipeline.image_gpu_digest=sha256:{'ef' * 32}"
+    with pytest.raises(PsearchError, match="pinned at another digest than image_gpu_digest"):
+        _compile(tmp_path, [f"pipeline.image_gpu={tagged}", other])
+
+
+def test_make_images_tags_without_the_digest():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PSEARCH_IMAGE")}
+    env["PSEARCH_IMAGE_GPU"] = f"registry.example/psearch-cuda:v2@{DIGEST}"
+    result = subprocess.run(
+        [sys.executable, "-m", "pipelines.settings", "gpu"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "registry.example/psearch-cuda:v2"
 
 
 def test_parameters_mirror_params_yaml(compiled):
@@ -292,6 +428,13 @@ def test_settings_change_the_dag(tmp_path, monkeypatch):
         ("pipeline.resources={trian: {gpus: 1}}", "pipeline.resources.trian: unknown stage"),
         ("pipeline.imag_cpu=x", "unknown parameter pipeline.imag_cpu"),
         ("pipeline.dataset_pvc=Bad_Name", "pipeline.dataset_pvc"),
+        ("pipeline.checkpoint_pvc=Bad_Name", "pipeline.checkpoint_pvc"),
+        ("pipeline.image_gpu_digest=latest", "pipeline.image_gpu_digest: 'latest' is not a digest"),
+        ("pipeline.image_pull_policy=Sometimes", "pipeline.image_pull_policy"),
+        ("pipeline.shm_size=lots", "pipeline.shm_size: 'lots' is not a Kubernetes quantity"),
+        ("pipeline.train_retries=-1", "pipeline.train_retries: must be >= 0"),
+        ("pipeline.resources={train: {timeout_hours: -1}}", "timeout_hours: must be >= 0"),
+        ("pipeline.checkpoint_mount=ckpt", "pipeline.checkpoint_mount: 'ckpt' must be absolute"),
     ],
 )
 def test_bad_settings_are_one_line_errors(tmp_path, override, fragment):

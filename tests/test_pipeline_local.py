@@ -21,7 +21,8 @@ from components.runtime import (
     shard_parts,
     stage_params,
 )
-from pipelines.local import run_local
+from pipelines.compile import compile_pipeline, pipeline_function
+from pipelines.local import local_settings, run_local
 from psearch.config import load_params
 from psearch.errors import PsearchError
 from psearch.registry import decide
@@ -57,9 +58,12 @@ def test_run_local_runs_every_stage_and_writes_metrics(local_run):
     params, result, workdir = local_run
     run_dir = Path(result["run_dir"])
     # Every task ran, the extraction fanned out, promotion ran (no champion before).
-    for task in ("ingest", "tracking", "pretrain", "train", "extract-merge", "evaluate",
-                 "index", "register", "promote", "close-runs"):  # fmt: skip
+    for task in ("dataset-digest", "ingest", "tracking", "pretrain", "train", "extract-merge",
+                 "evaluate", "index", "register", "promote", "close-runs"):  # fmt: skip
         assert (run_dir / task / "executor_output.json").is_file(), task
+    # The dataset's digest reached ingest, whose cache key it is.
+    digest = json.loads((run_dir / "dataset-digest" / "executor_output.json").read_text())
+    assert digest["parameterValues"]["Output"].startswith("sha256:")
     assert len(list(run_dir.glob("for-loop-*-iteration-*/extract"))) == 2
     # The gallery index `psearch serve` loads was built from the merged extraction.
     index = json.loads((run_dir / "index" / "executor_output.json").read_text())
@@ -171,6 +175,19 @@ def test_stage_params_and_helpers_name_what_is_wrong(tmp_path):
         shard_parts([tmp_path / "a", tmp_path / "b"])
 
 
+def test_run_local_builds_the_dag_without_task_retries(tmp_path, monkeypatch):
+    """kfp.local waits out a retry's backoff (300 s, then 600 s for training): a failed local
+    run would hang for 15 minutes before saying anything."""
+    from kfp import compiler
+
+    params = load_params(REPO / "params.yaml")
+    out = tmp_path / "local.yaml"
+    compiler.Compiler().compile(pipeline_function(params, local_settings(params)), str(out))
+    assert "retryPolicy" not in out.read_text()
+    compile_pipeline(params, tmp_path / "cluster.yaml")  # the cluster's DAG keeps them
+    assert (tmp_path / "cluster.yaml").read_text().count("retryPolicy") == 3
+
+
 def test_run_local_refuses_a_file_as_workdir(tmp_path):
     target = tmp_path / "file"
     target.write_text("x")
@@ -178,7 +195,10 @@ def test_run_local_refuses_a_file_as_workdir(tmp_path):
         run_local(load_params(None, []), target)
 
 
-def test_the_kfp_parent_run_is_opened_and_closed_by_its_run_id(tmp_path, monkeypatch):
+# The exit handler's PipelineTaskFinalStatus says CANCELLED (kfp.dsl's spelling); the REST
+# API's run state says CANCELED: a cancelled run is KILLED in MLflow either way.
+@pytest.mark.parametrize("cancelled", ["CANCELLED", "CANCELED", "cancelled"])
+def test_the_kfp_parent_run_is_opened_and_closed_by_its_run_id(tmp_path, monkeypatch, cancelled):
     """What the tracking and close-runs tasks do, without kfp.local: the parent run found by
     its kfp.run_id tag ends with the pipeline's state, with the stage runs it left RUNNING."""
     import mlflow
@@ -197,7 +217,7 @@ def test_the_kfp_parent_run_is_opened_and_closed_by_its_run_id(tmp_path, monkeyp
     tags = client.get_run(parent).data.tags
     assert (tags["psearch.runner"], tags["kfp.run_name"]) == ("kubeflow", "person-search-x")
 
-    assert sorted(close_pipeline_runs(params, "kfp-1", "CANCELED")) == sorted([killed, parent])
+    assert sorted(close_pipeline_runs(params, "kfp-1", cancelled)) == sorted([killed, parent])
     status = {run_id: client.get_run(run_id).info.status for run_id in (parent, killed, done)}
     assert status == {parent: "KILLED", killed: "KILLED", done: "FINISHED"}
     assert client.get_run(other).info.status == "RUNNING"  # another pipeline run's parent

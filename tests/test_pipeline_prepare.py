@@ -41,7 +41,8 @@ def gpu_node(name: str, gpus: int = 1, taints: list[dict] | None = None) -> dict
 
 
 class FakeKube:
-    """One namespace's secrets and PVCs, plus the cluster's nodes; every request recorded."""
+    """One namespace's secrets and PVCs, plus the cluster's nodes and PersistentVolumes; every
+    request recorded."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, str, dict]] = []
@@ -50,6 +51,7 @@ class FakeKube:
         self.secrets: dict[str, dict] = {}
         self.pvcs: dict[str, dict] = {}
         self.nodes: list[dict] = [gpu_node("gpu-1", 2)]
+        self.pvs: dict[str, dict] = {}
 
     def handle(self, method: str, path: str, query: dict, body: dict | None) -> tuple[int, dict]:
         self.calls.append((method, path, query))
@@ -62,6 +64,9 @@ class FakeKube:
             )
             items = [n for n in self.nodes if wanted.items() <= n["metadata"]["labels"].items()]
             return 200, {"kind": "NodeList", "apiVersion": "v1", "metadata": {}, "items": items}
+        if parts[:3] == ["api", "v1", "persistentvolumes"] and method == "GET":
+            found = self.pvs.get(parts[3])
+            return (200, found) if found else (404, _status(404, parts[3]))
         if parts[:3] != ["api", "v1", "namespaces"]:
             return 404, _status(404, path)
         namespace = parts[3]
@@ -85,6 +90,17 @@ class FakeKube:
             body["status"] = {"phase": "Pending"}
         store[name] = body
         return (201 if method == "POST" else 200), body
+
+    def bind(self, claim: str, volume: str, source: dict) -> None:
+        """What a provisioner does: a PersistentVolume with `source` bound to PVC `claim`."""
+        self.pvcs[claim]["spec"]["volumeName"] = volume
+        self.pvcs[claim]["status"] = {"phase": "Bound"}
+        self.pvs[volume] = {
+            "kind": "PersistentVolume",
+            "apiVersion": "v1",
+            "metadata": {"name": volume},
+            "spec": {"accessModes": self.pvcs[claim]["spec"]["accessModes"], **source},
+        }
 
     def writes(self) -> list[tuple[str, str]]:
         return [(m, p) for m, p, _ in self.calls if m != "GET"]
@@ -155,6 +171,7 @@ def test_fresh_namespace_gets_secret_and_pvc(kube, params):
     assert kube.writes() == [
         ("POST", f"/api/v1/namespaces/{NS}/secrets"),
         ("POST", f"/api/v1/namespaces/{NS}/persistentvolumeclaims"),
+        ("POST", f"/api/v1/namespaces/{NS}/persistentvolumeclaims"),
     ]
     secret = kube.secrets["psearch-credentials"]
     decoded = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
@@ -163,6 +180,10 @@ def test_fresh_namespace_gets_secret_and_pvc(kube, params):
     pvc = kube.pvcs["psearch-dataset"]
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
     assert pvc["spec"]["resources"]["requests"] == {"storage": "50Gi"}
+    # Training checkpoints get their own writable claim: the dataset's must stay read-only.
+    ckpt = kube.pvcs["psearch-checkpoints"]
+    assert ckpt["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert ckpt["spec"]["resources"]["requests"] == {"storage": "20Gi"}
     # Every write was preceded by a read of the same object.
     reads = [p for m, p, _ in kube.calls if m == "GET"]
     assert f"/api/v1/namespaces/{NS}/secrets/psearch-credentials" in reads
@@ -172,6 +193,37 @@ def test_fresh_namespace_gets_secret_and_pvc(kube, params):
     text = "\n".join(report.lines)
     assert "created  secret psearch-credentials" in text and "gpu-1 (2)" in text
     assert "s3cr3t" not in text  # values are never printed
+    assert "then make its volume read-only" in text
+
+
+def test_the_dataset_volume_is_checked_read_only(kube, params):
+    """kfp-kubernetes mounts a PVC writable (its PvcMount has no read-only field), so prepare
+    checks the volume under the dataset claim: a read-only source passes, else a warning."""
+    from kfp.kubernetes import kubernetes_executor_config_pb2 as pb
+
+    fields = {f.name for f in pb.PvcMount.DESCRIPTOR.fields}
+    assert not any("read" in f for f in fields), (
+        f"kfp-kubernetes now has a read-only PVC mount ({fields}): use it in _dataset"
+    )
+    prepare(params, NS, kubeconfig=kube.kubeconfig, environ=CREDENTIALS)
+    kube.bind("psearch-dataset", "pv-nfs-1", {"nfs": {"server": "nas", "path": "/d"}})
+    report = prepare(params, NS, kubeconfig=kube.kubeconfig, environ=CREDENTIALS)
+    assert report.problems == []
+    warning = next(line for line in report.lines if "pv-nfs-1" in line)
+    assert warning.startswith("warning  pvc psearch-dataset: its volume pv-nfs-1 is writable")
+    assert ("GET", "/api/v1/persistentvolumes/pv-nfs-1", {}) in kube.calls
+
+    kube.bind(
+        "psearch-dataset", "pv-nfs-ro", {"nfs": {"server": "nas", "path": "/d", "readOnly": True}}
+    )
+    report = prepare(params, NS, kubeconfig=kube.kubeconfig, environ=CREDENTIALS)
+    assert "ok       pvc psearch-dataset is on a read-only volume (pv-nfs-ro)" in report.lines
+    kube.bind(
+        "psearch-dataset", "pv-csi", {"csi": {"driver": "x", "volumeHandle": "h", "readOnly": True}}
+    )
+    report = prepare(params, NS, kubeconfig=kube.kubeconfig, environ=CREDENTIALS)
+    assert "ok       pvc psearch-dataset is on a read-only volume (pv-csi)" in report.lines
+    assert not any(line.startswith("warning") for line in report.lines)
 
 
 def test_second_run_changes_nothing_and_a_changed_credential_replaces_the_secret(kube, params):

@@ -78,14 +78,21 @@ def _model_logger(manifests: Path, whole_image: bool) -> ModelLogger:
     return log
 
 
-def pretrain(manifests: Path, out: Path, params: Params, resume: bool = False) -> dict[str, Any]:
+def pretrain(
+    manifests: Path,
+    out: Path,
+    params: Params,
+    resume: bool = False,
+    checkpoint_dir: Path | None = None,
+) -> dict[str, Any]:
     """IDNet pretraining on cropped boxes; writes `out/idnet.pt` (and logs it to MLflow).
-    A recipe without the stage (pretrain.enabled false) gets a marker directory instead."""
+    A recipe without the stage (pretrain.enabled false) gets a marker directory instead.
+    `checkpoint_dir` None: checkpoints in OUT.ckpt/ beside the output."""
     if not params.pretrain.enabled:
         return write_skipped(Path(out))
     stage = Pretraining(params)
     logger = _model_logger(Path(manifests), whole_image=False)
-    return stage.run(Path(manifests), Path(out), resume=resume, log_model=logger)
+    return stage.run(Path(manifests), Path(out), resume, logger, checkpoint_dir)
 
 
 def train(
@@ -94,8 +101,10 @@ def train(
     params: Params,
     init: Path | None = None,
     resume: bool = False,
+    checkpoint_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Joint detection + re-id training; writes `out/model.pt` (and logs it to MLflow)."""
+    """Joint detection + re-id training; writes `out/model.pt` (and logs it to MLflow).
+    `checkpoint_dir` None: checkpoints in OUT.ckpt/ beside the output."""
     stage = JointTraining(params, init=Path(init) if init else None)
     logger = _model_logger(Path(manifests), whole_image=True)
-    return stage.run(Path(manifests), Path(out), resume=resume, log_model=logger)
+    return stage.run(Path(manifests), Path(out), resume, logger, checkpoint_dir)

@@ -87,10 +87,16 @@ class TrainingStage:
     # ------------------------------------------------------------ the same for every stage
 
     def run(
-        self, manifests: Path, out: Path, resume: bool = False, log_model: ModelLogger | None = None
+        self,
+        manifests: Path,
+        out: Path,
+        resume: bool = False,
+        log_model: ModelLogger | None = None,
+        checkpoint_dir: Path | None = None,
     ) -> dict[str, Any]:
         """Train; on rank 0 write `out/<model_file>` and `out/run.json` and return what run.json
-        holds (empty on other ranks). `log_model` None: the model is not logged to MLflow."""
+        holds (empty on other ranks). `log_model` None: the model is not logged to MLflow.
+        `checkpoint_dir` None: OUT.ckpt/ (a durable place of the caller's otherwise)."""
         ctx = dist_context()
         tables = read_manifests(manifests)
         num_classes = num_train_identities(tables)
@@ -115,7 +121,7 @@ class TrainingStage:
                     dataset,
                     self.forward,
                     self.cfg,
-                    ckpt.checkpoint_dir(out),
+                    Path(checkpoint_dir) if checkpoint_dir else ckpt.checkpoint_dir(out),
                     fingerprint,
                     collate_fn=self.collate_fn,
                     log_metrics=metrics_logger(run, self.name),
