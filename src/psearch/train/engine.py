@@ -195,8 +195,8 @@ class Engine:
             return False
         try:
             state = ckpt.load_checkpoint(path)
-        except Exception as exc:  # a truncated file from a disk-full kill, say
-            warnings.warn(f"{path}: unreadable checkpoint ({exc}); starting fresh", stacklevel=2)
+        except PsearchError as exc:  # truncated by a full disk, say, or planted to run code
+            warnings.warn(f"{exc}; starting fresh", stacklevel=2)
             return False
         if state.get("fingerprint") != self.fingerprint:
             warnings.warn(
