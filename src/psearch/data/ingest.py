@@ -23,7 +23,7 @@ from psearch.atomic import atomic_dir
 from psearch.data.cuhk_sysu import read_cuhk_sysu
 from psearch.data.manifest import MANIFEST_SCHEMAS, write_parquet
 from psearch.data.prw import read_prw
-from psearch.data.records import ParsedDataset
+from psearch.data.records import ParsedDataset, inside_root
 from psearch.data.table import TableOptions, read_table
 from psearch.errors import PsearchError
 
@@ -69,6 +69,8 @@ def image_sizes(root: Path, paths: list[str]) -> np.ndarray:
     """(n, 2) width, height from each image's header (no full decode)."""
     sizes = np.empty((len(paths), 2), dtype=np.int32)
     for i, rel in enumerate(paths):
+        if inside_root(rel) is None:  # the readers refuse these; this guards any new one
+            raise PsearchError(f"{root}: image path {rel!r} leads outside the dataset root")
         path = root / rel
         try:
             with Image.open(path) as img:
