@@ -5,10 +5,11 @@ and its payload never runs."""
 from __future__ import annotations
 
 import json
+import pickle
 
 import pytest
 import torch
-from conftest import assert_one_line_error, plant_pickle, run_cli
+from conftest import RunsCode, assert_one_line_error, plant_pickle, run_cli
 
 from psearch.train.checkpoint import checkpoint_dir
 
@@ -89,3 +90,20 @@ def test_an_unreadable_model_names_no_unsafe_workaround(tiny_manifests, tmp_path
     code, _, err = run_cli([*argv, "--out", str(tmp_path / "dets"), *NO_TRACKING], capsys)
     line = assert_one_line_error(code, err, "model.pt", "not a readable psearch model file")
     assert "weights_only" not in line and "arbitrary code" not in line
+
+
+def test_a_planted_registry_artifact_is_refused(tiny_manifests, tmp_path, marker, capsys):
+    """A downloaded MLflow model directory (what `--model runs:/...` or `models:/...` fetches):
+    psearch reads only its artifacts/model.pt, with weights_only, and never the pyfunc's
+    python_model.pkl; both are planted here."""
+    model_dir = tmp_path / "downloaded" / "model"
+    (model_dir / "MLmodel").parent.mkdir(parents=True)
+    (model_dir / "MLmodel").write_text("flavors:\n  python_function: {}\n")
+    with open(model_dir / "python_model.pkl", "wb") as handle:
+        pickle.dump(RunsCode(marker), handle)
+    plant_pickle(model_dir / "artifacts" / "model.pt", marker)
+    out = tmp_path / "dets"
+    argv = ["extract", "--manifests", str(tiny_manifests), "--model", str(model_dir)]
+    code, _, err = run_cli([*argv, "--out", str(out), *NO_TRACKING], capsys)
+    assert_one_line_error(code, err, "artifacts/model.pt", "refused", "io.open")
+    assert not marker.exists() and not out.exists()
