@@ -13,6 +13,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from psearch.errors import PsearchError
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -23,6 +25,24 @@ def _umask() -> int:
 def _normal_mode(path: Path, is_dir: bool) -> None:
     """mkdtemp/mkstemp create 0700/0600; give outputs the modes a plain mkdir/open would."""
     path.chmod((0o777 if is_dir else 0o666) & ~_umask())
+
+
+def check_writable(final: str | os.PathLike) -> None:
+    """Fail now rather than after the work when `final` cannot be written atomically: make its
+    parent directory and a probe file in it (a PsearchError naming the output otherwise).
+
+    A stage calls this before it starts, so a read-only or misspelt output location costs
+    seconds, not a training run."""
+    final = Path(final)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{final.name}.probe-", dir=final.parent)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename and Path(exc.filename) != final else ""
+        reason = exc.strerror or type(exc).__name__
+        raise PsearchError(f"{final}: cannot write the output here ({reason}{where})") from None
 
 
 @contextlib.contextmanager

@@ -103,3 +103,24 @@ def test_an_unexpected_exception_is_an_internal_error(tmp_path, capsys):
     args.debug = True
     with pytest.raises(ValueError):
         common.run_handler(args)
+
+
+def test_train_refuses_an_impossible_output_before_training(
+    tiny_manifests, tmp_path, blocked, capsys
+):
+    """The output is checked before the first step (it used to fail after the whole run)."""
+    argv = ["train", "--manifests", str(tiny_manifests), "--out", str(blocked)]
+    overrides = ["train.max_steps=1", "train.num_workers=0", "tracking.enabled=false"]
+    code, _, err = run_cli([*argv, *(a for o in overrides for a in ("--set", o))], capsys)
+    assert_one_line_error(code, err, f"{blocked}: cannot write the output here")
+    assert "train: anchors" not in err  # nothing of the training start-up was reached
+    assert _files(tmp_path) == {"blocker"}
+
+
+def test_ingest_refuses_an_impossible_output_before_reading(
+    tiny_dataset, tmp_path, blocked, capsys
+):
+    argv = ["ingest", "--format", "cuhk-sysu", "--root", str(tiny_dataset), "--out", str(blocked)]
+    code, _, err = run_cli(argv, capsys)
+    assert_one_line_error(code, err, f"{blocked}: cannot write the output here")
+    assert _files(tmp_path) == {"blocker"}

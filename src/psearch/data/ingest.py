@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, UnidentifiedImageError
 
-from psearch.atomic import atomic_dir
+from psearch.atomic import atomic_dir, check_writable
 from psearch.data.cuhk_sysu import read_cuhk_sysu
 from psearch.data.manifest import MANIFEST_SCHEMAS, write_parquet
 from psearch.data.prw import read_prw
@@ -41,6 +41,7 @@ def ingest(root: Path, out: Path, fmt: str, table: TableOptions | None = None) -
         raise PsearchError(f"{root}: dataset root not found")
     if fmt == "table" and table is None:
         raise PsearchError("format table needs --annotations FILE.csv|FILE.parquet")
+    check_writable(out)  # before the annotations and every image are read
     parsed = read_table(root, table) if fmt == "table" else _read(root, fmt)
     # Hashing gigabytes of annotation files overlaps the rest (hashlib releases the GIL).
     with ThreadPoolExecutor(1) as pool:
