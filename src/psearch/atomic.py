@@ -45,6 +45,14 @@ def check_writable(final: str | os.PathLike) -> None:
         raise PsearchError(f"{final}: cannot write the output here ({reason}{where})") from None
 
 
+def _name_the_final_path(exc: BaseException, tmp: Path, final: Path) -> None:
+    """An OSError about the temporary copy names the output the user asked for instead
+    (`out/metrics.json: No space left on device`, not `.out.tmp-x1y2/metrics.json`)."""
+    name = getattr(exc, "filename", None) if isinstance(exc, OSError) else None
+    if isinstance(name, str) and (name == str(tmp) or name.startswith(f"{tmp}{os.sep}")):
+        exc.filename = str(final) + name[len(str(tmp)) :]
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary directory that replaces `final` when the block succeeds."""
@@ -54,8 +62,9 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = True) -> Iterator[Pat
     _normal_mode(tmp, is_dir=True)
     try:
         yield tmp
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        _name_the_final_path(exc, tmp, final)
         raise
     if final.exists():
         if not overwrite:
@@ -81,8 +90,9 @@ def atomic_file(final: str | os.PathLike, mode: str = "w") -> Iterator[Path]:
     _normal_mode(tmp, is_dir=False)
     try:
         yield tmp
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        _name_the_final_path(exc, tmp, final)
         raise
     os.replace(tmp, final)
 

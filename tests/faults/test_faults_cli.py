@@ -83,7 +83,7 @@ def test_a_full_disk_names_the_file(tiny_manifests, detections, tmp_path, capsys
     out = tmp_path / "eval"
     argv = ["evaluate", "--manifests", str(tiny_manifests), "--detections", str(detections)]
     code, _, err = run_cli([*argv, "--out", str(out), "--no-plots"], capsys)
-    assert_one_line_error(code, err, "metrics", "No space left on device")
+    assert_one_line_error(code, err, f"{out}/metrics.json: No space left on device")
     assert not out.exists()
 
 

@@ -107,11 +107,20 @@ def latest_checkpoint(directory: Path) -> Path | None:
 
 
 def save_checkpoint(directory: Path, step: int, state: dict[str, Any], keep: int = 1) -> Path:
-    """Write `step-<N>.pt` atomically, then drop all but the newest `keep` checkpoints."""
+    """Write `step-<N>.pt` atomically, then drop all but the newest `keep` checkpoints.
+
+    A failed write (a full disk) leaves the previous checkpoint as it was, and no empty
+    directory where there was none."""
+    created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"step-{step:08d}.pt"
-    with atomic_file(path) as tmp:
-        torch.save(state, tmp)
+    try:
+        with atomic_file(path) as tmp:
+            torch.save(state, tmp)
+    except BaseException:
+        if created and not any(directory.iterdir()):
+            directory.rmdir()
+        raise
     older = sorted(p for p in directory.iterdir() if _NAME.match(p.name) and p != path)
     for old in older[: max(0, len(older) - keep + 1)]:
         old.unlink(missing_ok=True)

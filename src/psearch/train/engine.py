@@ -348,10 +348,12 @@ class Engine:
             mininterval=1.0,
         )
         epoch, position = divmod(self.step, self.steps_per_epoch)
-        while self.step < self.total_steps:
-            self._train_epoch(epoch, position, meter, bar)
-            epoch, position = epoch + 1, 0
-        bar.close()
+        try:
+            while self.step < self.total_steps:
+                self._train_epoch(epoch, position, meter, bar)
+                epoch, position = epoch + 1, 0
+        finally:  # end the bar's line before any error is printed after it
+            bar.close()
         self.recalibrate_batch_norm()
         seconds = time.perf_counter() - meter.started
         self._check_replicas_agree()
