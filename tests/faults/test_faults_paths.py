@@ -98,3 +98,17 @@ def test_a_plain_dataset_still_ingests(tiny_dataset, tmp_path, capsys):
     assert code == 0, err
     paths = read_manifests(out).images.column("path").to_pylist()
     assert paths and all(inside_root(p) == p for p in paths)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.98])
+def test_a_truncated_jpeg_is_refused_at_ingest(tiny_dataset, tmp_path, capsys, keep):
+    """Only its header was read before, so training met the truncated file mid-run."""
+    root = tmp_path / "data"
+    shutil.copytree(tiny_dataset, root)
+    image = root / "Image/SSM/s9.jpg"
+    data = image.read_bytes()
+    image.write_bytes(data[: int(len(data) * keep)])
+    out = tmp_path / "manifests"
+    code, _, err = _ingest("cuhk-sysu", root, out, capsys)
+    assert_one_line_error(code, err, "s9.jpg: not a decodable image", "truncated")
+    assert not out.exists()
