@@ -1,19 +1,59 @@
 """Atomic outputs: write to a temporary sibling, rename into place on success.
 
 A failed or killed run therefore leaves either the complete previous output or
-nothing where the final file or directory would be (DVC relies on this).
+nothing where the final file or directory would be (DVC relies on this). What a
+killed run leaves beside it (`.NAME.tmp-PID-HOST-*`, hidden) is removed by the
+next write of the same output, once that process is gone.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from psearch.errors import PsearchError
+
+# Temporaries are named after the process and machine that made them, so the next run can tell
+# a killed run's leftovers (same machine, process gone) from a live writer's (on a shared volume
+# another machine's are never touched).
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _temp_prefix(final: Path, kind: str) -> str:
+    return f".{final.name}.{kind}-{os.getpid()}-{_HOST}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def remove_stale_temporaries(final: str | os.PathLike) -> list[Path]:
+    """Remove what killed writers of `final` left beside it on this machine; returns them."""
+    final = Path(final)
+    ours = re.compile(re.escape(f".{final.name}.") + r"(?:tmp|old)-(\d+)-([0-9a-f]{8})-")
+    removed = []
+    for sibling in final.parent.iterdir() if final.parent.is_dir() else []:
+        found = ours.match(sibling.name)
+        if found and found.group(2) == _HOST and not _alive(int(found.group(1))):
+            if sibling.is_dir() and not sibling.is_symlink():
+                shutil.rmtree(sibling, ignore_errors=True)
+            else:
+                sibling.unlink(missing_ok=True)
+            removed.append(sibling)
+    return removed
 
 
 def _umask() -> int:
@@ -58,7 +98,8 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = True) -> Iterator[Pat
     """Yield a temporary directory that replaces `final` when the block succeeds."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    remove_stale_temporaries(final)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(final, "tmp"), dir=final.parent))
     _normal_mode(tmp, is_dir=True)
     try:
         yield tmp
@@ -71,7 +112,7 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = True) -> Iterator[Pat
             shutil.rmtree(tmp, ignore_errors=True)
             raise FileExistsError(final)
         # Move the old one aside first so the swap is as short as possible.
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        old = final.with_name(_temp_prefix(final, "old") + "0")
         os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
@@ -84,7 +125,8 @@ def atomic_file(final: str | os.PathLike, mode: str = "w") -> Iterator[Path]:
     """Yield a temporary path in the same directory; rename it onto `final` on success."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
+    remove_stale_temporaries(final)
+    fd, name = tempfile.mkstemp(prefix=_temp_prefix(final, "tmp"), dir=final.parent)
     os.close(fd)
     tmp = Path(name)
     _normal_mode(tmp, is_dir=False)

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_one_line_error, run_cli
 from eval_reference import fake_detections
 
+from faults.helpers import assert_one_line_error, run_cli
 from psearch.cli import build_parser, common
 from psearch.data.manifest import read_manifests, write_parquet
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from conftest import run_cli
 from eval_reference import fake_detections
 
+from faults.helpers import run_cli
 from psearch.data.manifest import read_manifests, write_parquet
 
 

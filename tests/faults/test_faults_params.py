@@ -4,8 +4,8 @@ non-positive sizes, batch sizes, epochs and learning rates, negative counts and 
 from __future__ import annotations
 
 import pytest
-from conftest import assert_one_line_error, run_cli
 
+from faults.helpers import assert_one_line_error, run_cli
 from psearch.config import load_params
 from psearch.errors import PsearchError
 

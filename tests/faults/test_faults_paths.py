@@ -11,8 +11,8 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pytest
 import scipy.io as sio
-from conftest import assert_one_line_error, run_cli
 
+from faults.helpers import assert_one_line_error, run_cli
 from psearch.data.manifest import read_manifests
 from psearch.data.records import inside_root
 

@@ -9,8 +9,8 @@ import pickle
 
 import pytest
 import torch
-from conftest import RunsCode, assert_one_line_error, plant_pickle, run_cli
 
+from faults.helpers import RunsCode, assert_one_line_error, plant_pickle, run_cli
 from psearch.train.checkpoint import checkpoint_dir
 
 NO_TRACKING = ["--set", "tracking.enabled=false"]

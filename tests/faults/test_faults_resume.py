@@ -10,9 +10,9 @@ import os
 
 import pytest
 import torch
-from conftest import assert_one_line_error, run_cli
 from test_train import FAST, fast_params
 
+from faults.helpers import assert_one_line_error, run_cli
 from psearch import stages
 from psearch.train.checkpoint import checkpoint_dir, latest_checkpoint
 
