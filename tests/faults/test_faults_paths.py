@@ -112,3 +112,25 @@ def test_a_truncated_jpeg_is_refused_at_ingest(tiny_dataset, tmp_path, capsys, k
     code, _, err = _ingest("cuhk-sysu", root, out, capsys)
     assert_one_line_error(code, err, "s9.jpg: not a decodable image", "truncated")
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "box, problem",
+    [
+        ((500, 10, 540, 90), "lies outside the 200x150 image"),
+        ((-90, 10, -10, 90), "lies outside the 200x150 image"),
+        ((1, 1, 1e9, 90), "is more than twice the size of the 200x150 image"),
+    ],
+)
+def test_a_box_outside_its_image_is_refused(tiny_dataset, tmp_path, capsys, box, problem):
+    x1, y1, x2, y2 = box
+    rows = [
+        dict(image="Image/SSM/s1.jpg", x1=1, y1=1, x2=20, y2=40, person_id=0, split="train"),
+        dict(image="Image/SSM/s2.jpg", x1=x1, y1=y1, x2=x2, y2=y2, person_id=1, split="train"),
+    ]
+    pacsv.write_csv(pa.Table.from_pylist(rows), tmp_path / "boxes.csv")
+    out = tmp_path / "manifests"
+    extra = ("--annotations", str(tmp_path / "boxes.csv"))
+    code, _, err = _ingest("table", tiny_dataset, out, capsys, *extra)
+    assert_one_line_error(code, err, "Image/SSM/s2.jpg: box [", problem)
+    assert not out.exists()

@@ -47,6 +47,7 @@ def ingest(root: Path, out: Path, fmt: str, table: TableOptions | None = None) -
     with ThreadPoolExecutor(1) as pool:
         digest = pool.submit(content_hash, parsed.annotation_files, root)
         sizes = image_sizes(root, parsed.image_paths)
+        check_boxes_fit(parsed, sizes)
         tables = {**build_tables(parsed, sizes), **parsed.extra_tables}
         info = dataset_info(parsed, tables, digest.result())
     # Where images.path is relative to, relative to the manifests (psearch.data.loaders.dataset_root).
@@ -78,6 +79,31 @@ def image_sizes(root: Path, paths: list[str]) -> np.ndarray:
         for i, size in enumerate(pool.map(_decoded_size, (root / rel for rel in paths))):
             sizes[i] = size
     return sizes
+
+
+def check_boxes_fit(p: ParsedDataset, sizes: np.ndarray) -> None:
+    """Every box and query box overlaps its image and is at most twice its size (a box
+    entirely outside, or 10^9 px wide, is an annotation error, not a person)."""
+    for what, image, xywh in (
+        ("box", p.box_image, p.box_xywh),
+        ("query box", p.query_image, p.query_xywh),
+    ):
+        if len(xywh) == 0:
+            continue
+        width, height = sizes[image, 0].astype(np.float64), sizes[image, 1].astype(np.float64)
+        x, y, w, h = (xywh[:, k] for k in range(4))
+        outside = (x >= width) | (y >= height) | (x + w <= 0) | (y + h <= 0)
+        too_big = (w > 2 * width) | (h > 2 * height)
+        bad = outside | too_big
+        if bad.any():
+            k = int(np.argmax(bad))
+            i = int(image[k])
+            problem = "lies outside" if outside[k] else "is more than twice the size of"
+            box = " ".join(f"{v:g}" for v in xywh[k])
+            raise PsearchError(
+                f"{p.image_paths[i]}: {what} [{box}] (x y w h) {problem} the "
+                f"{int(width[k])}x{int(height[k])} image"
+            )
 
 
 def _decoded_size(path: Path) -> tuple[int, int]:
