@@ -7,7 +7,8 @@ features); built once and cached under $PSEARCH_BENCH_DIR (default /tmp/psearch_
 Prints: the whole `psearch evaluate` process (all six protocols, both subsets,
 detection, plots) wall time and peak memory; the in-process stage time; and the
 reference loop's time, measured on a sample of queries per protocol and scaled to
-all queries (said so in the output), with the agreement on that sample.
+all queries (said so in the output), with the agreement on that sample; and the in-process
+time with CBGM re-ranking (`evaluate.cbgm`) on, beside it.
 
     .venv/bin/python benchmarks/bench_eval.py [--manifests DIR] [--sample 8]
 """
@@ -129,6 +130,11 @@ def main() -> None:
     t0 = time.perf_counter()
     evaluate(manifests, detections, cache / "out_inproc", EvaluateConfig(plots=False))
     stage = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    cbgm = evaluate(
+        manifests, detections, cache / "out_cbgm", EvaluateConfig(plots=False, cbgm=True)
+    )
+    cbgm_stage = time.perf_counter() - t0
 
     os.environ["BENCH_EVAL_OUT"] = str(out)
     reference, worst, det = _reference(manifests, detections, sizes, args.sample, len(m.queries))
@@ -138,6 +144,11 @@ def main() -> None:
         f"{process:.2f} s wall, {cpu:.2f} s CPU, peak RSS {peak:.0f} MiB"
     )
     print(f"evaluate() in-process, no PNGs: {stage:.2f} s")
+    g100 = [m["search"].get("gallery_100", {}).get("mAP", float("nan")) for m in (metrics, cbgm)]
+    print(
+        f"evaluate() in-process with CBGM: {cbgm_stage:.2f} s (+{cbgm_stage - stage:.2f} s); "
+        f"gallery_100 mAP {g100[0]:.4f} -> {g100[1]:.4f} (random features: no real context)"
+    )
     print(
         f"reference loop (search scaled from {args.sample} queries/protocol to {len(m.queries)}; "
         f"detection measured in full): {reference:.0f} s"

@@ -106,13 +106,19 @@ def run_once(
 
 def run_child(**kwargs) -> dict:
     """run_once in a fresh process, so peak memory is that run's alone."""
+    return run_in_child("bench_extract", kwargs)
+
+
+def run_in_child(module: str, kwargs: dict) -> dict:
+    """`module`.run_once(**kwargs) in a fresh Python (benchmarks/ on its path); its result."""
     code = (
-        "import json, sys; sys.path.insert(0, sys.argv[2]); from bench_extract import run_once; "
-        "print(json.dumps(run_once(**json.loads(sys.argv[1]))))"
+        "import importlib, json, sys; sys.path.insert(0, sys.argv[3]); "
+        "run_once = importlib.import_module(sys.argv[1]).run_once; "
+        "print(json.dumps(run_once(**json.loads(sys.argv[2]))))"
     )
     here = str(Path(__file__).resolve().parent)
     done = subprocess.run(
-        [sys.executable, "-c", code, json.dumps(kwargs), here],
+        [sys.executable, "-c", code, module, json.dumps(kwargs), here],
         capture_output=True,
         text=True,
         check=True,

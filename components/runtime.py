@@ -68,7 +68,7 @@ def open_pipeline_run(params: Params, kfp_run_id: str, kfp_run_name: str) -> str
     if not params.tracking.enabled:
         return ""
     tags = {KFP_RUN_TAG: kfp_run_id, "kfp.run_name": kfp_run_name}
-    return ParentRun.create(params, "kubeflow", run_name=kfp_run_name, tags=tags).run_id
+    return ParentRun.create(params, "kubeflow", label=kfp_run_name, tags=tags).run_id
 
 
 def close_pipeline_runs(params: Params, kfp_run_id: str, state: str) -> list[str]:

@@ -91,6 +91,8 @@ def test_the_idnet_builder_leaves_out_the_detector_settings(tmp_path):
         "roi_op",
         "roi_size",
         "head_dim",
+        "freeze_blocks",
+        "batch_norm",
     }
     assert not set(idnet.model_settings) & set(DETECTOR_SETTINGS)
     with pytest.raises(TypeError, match="anchor_sizes"):

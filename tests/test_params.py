@@ -114,3 +114,11 @@ def test_shared_loop_settings_keep_each_sections_defaults_and_names(section, def
     assert (cfg.momentum, cfg.grad_clip, cfg.amp, cfg.device) == (0.9, 10.0, "bf16", "auto")
     with pytest.raises(PsearchError, match=rf": {section}\.momentum: expected a number"):
         load_params(None, [f"{section}.momentum=fast"])
+
+
+def test_an_older_params_file_with_lr_step_still_loads_with_a_warning(tmp_path):
+    old = tmp_path / "params.yaml"
+    old.write_text("train:\n  lr_step: 1440\npretrain:\n  lr_step: 0\n")
+    with pytest.warns(UserWarning, match="train.lr_step is now train.lr_steps"):
+        params = load_params(old)
+    assert params.train.lr_steps == [1440] and params.pretrain.lr_steps == []

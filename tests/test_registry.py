@@ -117,6 +117,13 @@ def test_register_tags_version_and_logs_evaluation_to_training_run(params, tmp_p
     assert {"evaluation/metrics.json", "evaluation/plots"} <= logged
     register_run = client.get_run(result["register_run_id"])
     assert register_run.data.tags["psearch.stage"] == "register"
+    assert register_run.info.run_name == f"register · {params.register.model_name} v1"
+    assert register_run.data.metrics["search.gallery_100.mAP"] == 0.4
+    # The version's page says what it was trained on and how it scored.
+    description = client.get_model_version(params.register.model_name, "1").description
+    assert "data version `abc123`" in description and run_id in description
+    assert "Search (gallery_100): mAP 0.400, top-1 0.500" in description
+    assert "Detection: AP 0.500, recall 0.750" in description
 
 
 def test_first_model_becomes_champion(params, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from types import SimpleNamespace
 
 import mlflow
@@ -26,7 +27,7 @@ from psearch.inference.loading import fetch_model
 from psearch.models.idnet import build_idnet
 from psearch.models.io import save_model
 from psearch.models.joint import JointNet
-from psearch.serving.pyfunc import PersonSearchModel, log_model
+from psearch.serving.pyfunc import SIGNATURE, PersonSearchModel, example_input, log_model
 
 
 @pytest.fixture(scope="module")
@@ -38,11 +39,35 @@ def test_mlflow_log_and_load_round_trip(tmp_path, joint, monkeypatch, caplog):
     monkeypatch.chdir(tmp_path)  # the default artifact root is relative to the working dir
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     mlflow.set_experiment("models-test")
+    # the generic pyfunc face: detections for bare image rows, features for query rows;
+    # the same frame is the logged model's input example
+    images, targets = synthetic_batch()
+    image_path = tmp_path / "frame.png"
+    write_png((images[0] * 255).round().to(torch.uint8), str(image_path))
+    box = targets[0]["boxes"][0].tolist()
+    frame = pd.DataFrame(
+        {
+            "path": [str(image_path), str(image_path)],
+            "x1": [box[0], None],
+            "y1": [box[1], None],
+            "x2": [box[2], None],
+            "y2": [box[3], None],
+        }
+    )
     model_file = save_model(tmp_path / "model.pt", joint, {"epoch": 4})
     with mlflow.start_run() as run:
-        uri, logged_uri = log_model(model_file)
+        uri, logged_uri = log_model(model_file, example=frame)
     assert uri == f"runs:/{run.info.run_id}/model"
     assert logged_uri.startswith("models:/m-")
+    # What the UI shows on the model's page: the table in and out, and the example.
+    info = mlflow.models.get_model_info(logged_uri)
+    assert info.signature == SIGNATURE
+    assert not info.signature.inputs.input_dict()["x1"].required
+    assert info.saved_input_example_info["type"] == "dataframe"
+    example = mlflow.models.Model.load(logged_uri).load_input_example(
+        mlflow.artifacts.download_artifacts(logged_uri)
+    )
+    assert list(example["path"]) == [str(image_path)] * 2
     assert isinstance(fetch_model(logged_uri)[0], JointNet)
 
     model, meta = fetch_model(uri)
@@ -64,20 +89,6 @@ def test_mlflow_log_and_load_round_trip(tmp_path, joint, monkeypatch, caplog):
     with pytest.raises(PsearchError, match="models:/no-such-model/1: cannot download"):
         fetch_model("models:/no-such-model/1")
 
-    # the generic pyfunc face: detections for bare image rows, features for query rows
-    images, targets = synthetic_batch()
-    image_path = tmp_path / "frame.png"
-    write_png((images[0] * 255).round().to(torch.uint8), str(image_path))
-    box = targets[0]["boxes"][0].tolist()
-    frame = pd.DataFrame(
-        {
-            "path": [str(image_path), str(image_path)],
-            "x1": [box[0], None],
-            "y1": [box[1], None],
-            "x2": [box[2], None],
-            "y2": [box[3], None],
-        }
-    )
     result = mlflow.pyfunc.load_model(uri).predict(frame)
     assert list(result.columns) == ["path", "x1", "y1", "x2", "y2", "score", "feature"]
     assert pd.isna(result["score"][0]) and len(result) > 1
@@ -86,6 +97,19 @@ def test_mlflow_log_and_load_round_trip(tmp_path, joint, monkeypatch, caplog):
     pixels = (images[0] * 255).round() / 255  # what the PNG holds
     expected = joint.query_features([pixels], [torch.tensor([box])])[0][0]
     torch.testing.assert_close(feature, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_the_input_example_is_a_test_image_whole_and_with_a_box(
+    tiny_manifests, tmp_path, monkeypatch
+):
+    whole = example_input(tiny_manifests)
+    assert list(whole.columns) == ["path", "x1", "y1", "x2", "y2"] and len(whole) == 2
+    assert whole["x1"].isna()[0] and not whole.iloc[1].isna().any()
+    assert whole["path"][0] == whole["path"][1] and os.path.isfile(whole["path"][0])
+    crop_only = example_input(tiny_manifests, whole_image=False)  # an IDNet answers boxes only
+    assert crop_only.iloc[0].equals(whole.iloc[1])
+    monkeypatch.setenv("PSEARCH_DATASET_ROOT", str(tmp_path))  # the images are not there
+    assert example_input(tiny_manifests) is None
 
 
 def test_log_model_needs_a_file_and_an_active_run(tmp_path, joint):

@@ -127,7 +127,7 @@ def test_pretrain_refuses_a_crop_context_below_one(tiny_manifests, tmp_path):
 def test_losses_go_down(trained):
     client = _client(trained)
     for stage in ("pretrain", "train"):
-        history = client.get_metric_history(trained[stage]["run_id"], "loss")
+        history = client.get_metric_history(trained[stage]["run_id"], f"{stage}/loss")
         values = [m.value for m in sorted(history, key=lambda m: m.step)]
         assert len(values) >= 4
         assert values[-1] < values[0], (stage, values)
@@ -151,8 +151,12 @@ def test_mlflow_run_holds_params_metrics_tags_and_model(trained):
     assert tags["psearch.data_version"] not in ("", "unknown")
     assert "psearch.git_revision" in tags and "psearch.version.torch" in tags
     for key in ("loss", "loss_det", "loss_reid", "acc_det", "lr", "images_per_s", "final_loss"):
-        assert key in run.data.metrics, key
-    lrs = [m.value for m in client.get_metric_history(run.info.run_id, "lr")]
+        assert f"train/{key}" in run.data.metrics, key  # namespaced: pretrain logs acc_reid too
+    assert run.info.run_name.startswith("train · rss · small · ")
+    (dataset,) = run.inputs.dataset_inputs
+    assert dataset.dataset.digest in tags["psearch.data_version"]
+    assert [t.value for t in dataset.tags if t.key == "mlflow.data.context"] == ["train"]
+    lrs = [m.value for m in client.get_metric_history(run.info.run_id, "train/lr")]
     assert lrs == sorted(lrs)  # warm-up: the learning rate only rises
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "init" in artifacts

@@ -13,6 +13,7 @@ import dataclasses
 import re
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -184,6 +185,8 @@ class EvaluateConfig:
     # PRW convention: only frames from other cameras are in the gallery.
     cross_camera: bool = False
     worst_queries: int = 20
+    # Context bipartite graph matching (SeqNet's re-ranking, psearch.evaluation.cbgm).
+    cbgm: bool = False
     # False: skip the PNGs (and the matplotlib import); the CSVs are always written.
     plots: bool = True
 
@@ -402,6 +405,23 @@ def read_params_file(path: str | Path) -> dict[str, Any]:
     return tree
 
 
+def _migrate_renamed_keys(tree: dict[str, Any], source: str) -> None:
+    """Read keys older params files spell differently, with a warning: `lr_step: N` (one drop,
+    0 = none) became `lr_steps: [N]` when schedules took several drops."""
+    for section in ("pretrain", "train"):
+        values = tree.get(section)
+        if isinstance(values, dict) and "lr_step" in values and "lr_steps" not in values:
+            step = values.pop("lr_step")
+            values["lr_steps"] = [step] if isinstance(step, int) and step > 0 else []
+            if not isinstance(step, int):
+                values["lr_steps"] = step  # let validation name the bad value
+            warnings.warn(
+                f"{source}: {section}.lr_step is now {section}.lr_steps (a list); read as "
+                f"lr_steps: {values['lr_steps']}",
+                stacklevel=3,
+            )
+
+
 def load_params(path: str | Path | None = None, overrides: list[str] | None = None) -> Params:
     """params.yaml (or `path`, or built-in defaults when neither exists) plus overrides.
 
@@ -412,9 +432,10 @@ def load_params(path: str | Path | None = None, overrides: list[str] | None = No
     if path is None and Path(DEFAULT_PARAMS_FILE).is_file():
         path = DEFAULT_PARAMS_FILE
     tree = read_params_file(path) if path is not None else {}
+    source = str(path) if path is not None else "defaults"
+    _migrate_renamed_keys(tree, source)
     for assignment in overrides or []:
         _apply_override(tree, assignment)
-    source = str(path) if path is not None else "defaults"
     try:
         params = build_section(Params, tree)
         check_ranges(params)

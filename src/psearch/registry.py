@@ -2,7 +2,9 @@
 
 `register` adds the trained model (the `model_uri` its training run logged) as a
 new version of `register.model_name`, with its evaluation metrics as version
-tags, and logs those metrics and plots to the training run that produced it.
+tags and a description saying what it was trained on and how it scored, and logs
+those metrics and plots to the training run that produced it (the version's run)
+and to its own `register` run.
 `promote` moves the `register.alias` alias (default `champion`) to a candidate
 only when it beats the current champion on one metric (strictly greater); every
 decision and both numbers are tagged on the candidate version. The aliases'
@@ -23,6 +25,7 @@ from psearch.config import Params
 from psearch.errors import PsearchError
 from psearch.jsonfile import read_json_object
 from psearch.tracking import connect, stage_run, tracking_uri
+from psearch.tracking.names import SEPARATOR
 
 HISTORY_TAG = "psearch.champion_history"
 PROMOTION_PREFIX = "psearch.promotion."
@@ -87,6 +90,43 @@ def _log_evaluation(client, run_id: str, metrics: dict[str, float], metrics_file
         client.log_artifacts(run_id, str(plots), "evaluation/plots")
 
 
+def _fmt(flat: dict[str, float], key: str) -> str:
+    return f"{flat[key]:.3f}" if key in flat else "n/a"
+
+
+def _source(source_json: str) -> str:
+    """A dataset input's source, as a URI or path (MLflow stores it as JSON)."""
+    try:
+        source = json.loads(source_json)
+    except ValueError:
+        return source_json
+    return str(source.get("uri", source_json)) if isinstance(source, dict) else source_json
+
+
+def describe_version(train_run: Any, flat: dict[str, float]) -> str:
+    """The model version's description (Markdown): its data, its training run, its scores."""
+    tags = train_run.data.tags
+    inputs = getattr(train_run, "inputs", None)
+    datasets = [d.dataset for d in (inputs.dataset_inputs if inputs else [])]
+    data = ", ".join(f"`{d.name}` (digest {d.digest}, from {_source(d.source)})" for d in datasets)
+    data = data or "data of unknown origin"
+    searched = sorted(
+        k.split(".")[1] for k in flat if k.startswith("search.") and k.endswith(".mAP")
+    )
+    protocol = "gallery_100" if "gallery_100" in searched else (searched[0] if searched else "")
+    lines = [
+        f"Trained on {data}; data version `{tags.get('psearch.data_version', 'unknown')}`.",
+        f"Training run `{train_run.info.run_name}` ({train_run.info.run_id}), "
+        f"git `{tags.get('psearch.git_revision', 'unknown')[:12]}`.",
+        "",
+        f"Search ({protocol}): mAP {_fmt(flat, f'search.{protocol}.mAP')}, "
+        f"top-1 {_fmt(flat, f'search.{protocol}.top1')}. "
+        f"Detection: AP {_fmt(flat, 'detection.ap')}, recall {_fmt(flat, 'detection.recall')}.",
+        "Plots: the training run's artifacts, evaluation/plots.",
+    ]
+    return "\n".join(lines)
+
+
 def register(model: Path, metrics: Path, params: Params) -> dict[str, Any]:
     """Register the model trained in `model` (its run.json) with the metrics in `metrics`."""
     import mlflow
@@ -104,6 +144,7 @@ def register(model: Path, metrics: Path, params: Params) -> dict[str, Any]:
     name = params.register.model_name
     with stage_run("register", params, extra_tags={"psearch.model_run_id": run_id}) as run:
         _log_evaluation(client, run_id, flat, Path(metrics))
+        _log_evaluation(client, run.info.run_id, flat, Path(metrics))
         parent = run.data.tags.get("mlflow.parentRunId")
         if parent:  # the pipeline run shows each execution's results side by side
             _log_evaluation(client, parent, flat, Path(metrics))
@@ -115,7 +156,9 @@ def register(model: Path, metrics: Path, params: Params) -> dict[str, Any]:
             "psearch.git_revision": source.get("psearch.git_revision", "unknown"),
         }
         version = mlflow.register_model(model_uri, name, tags=tags)
+        client.update_model_version(name, version.version, describe_version(train_run, flat))
         mlflow.log_params({"model_name": name, "model_version": version.version})
+        mlflow.set_tag("mlflow.runName", f"register{SEPARATOR}{name} v{version.version}")
     return {
         "model_name": name,
         "version": str(version.version),

@@ -2,10 +2,11 @@
 which DVC's dvc.yaml runs) and for Kubeflow (components/).
 
 An implementation that already takes the stage's inputs, outputs and typed params is the
-stage function itself, re-exported here (extract, extract_merge, index, evaluate, register,
-promote). The functions below add what the stage does around its implementation: a params
-section turned into arguments (synth, ingest); a training stage run with the serving layer's
-model logger, which the training code sits below and so is handed (pretrain, train).
+stage function itself, re-exported here (extract, extract_video, extract_merge, index,
+evaluate, register, promote). The functions below add what the stage does around its
+implementation: a params section turned into arguments (synth, ingest); a training stage run
+with the serving layer's model logger, which the training code sits below and so is handed
+(pretrain, train).
 Importing this module imports torch: the command line imports it in the handlers that run a
 stage, so `psearch --help` and `psearch evaluate` stay light.
 """
@@ -22,15 +23,18 @@ from psearch.evaluation.run import evaluate
 from psearch.inference.extract import extract
 from psearch.inference.index import build_index as index
 from psearch.inference.shards import merge as extract_merge
+from psearch.inference.video_extract import extract_video
 from psearch.registry import promote, register
 from psearch.synth import synthesize
 from psearch.train.joint import JointTraining
 from psearch.train.pretrain import Pretraining, write_skipped
+from psearch.train.runner import ModelLogger
 
 __all__ = [
     "evaluate",
     "extract",
     "extract_merge",
+    "extract_video",
     "index",
     "ingest",
     "pretrain",
@@ -61,12 +65,17 @@ def ingest(root: Path, out: Path, cfg: IngestConfig) -> dict[str, Any]:
     return ingest_dataset(Path(root), Path(out), fmt=cfg.format, table=table)
 
 
-def _log_model(model_file: Path, name: str) -> tuple[str, str]:
-    """Log a trained model to the stage's MLflow run (psearch.serving's pyfunc wrapper)."""
-    # lazy: mlflow.pyfunc and pandas take seconds to import and warn; only training logs a model
-    from psearch.serving.pyfunc import log_model
+def _model_logger(manifests: Path, whole_image: bool) -> ModelLogger:
+    """Logs a trained model to the stage's MLflow run (psearch.serving's pyfunc wrapper), with
+    an input example from `manifests`' test images (`whole_image`: not for an IDNet)."""
 
-    return log_model(model_file, name)
+    def log(model_file: Path, name: str) -> tuple[str, str]:
+        # lazy: mlflow.pyfunc and pandas take seconds to import and warn; only training logs
+        from psearch.serving.pyfunc import example_input, log_model
+
+        return log_model(model_file, name, example_input(manifests, whole_image))
+
+    return log
 
 
 def pretrain(manifests: Path, out: Path, params: Params, resume: bool = False) -> dict[str, Any]:
@@ -75,7 +84,8 @@ def pretrain(manifests: Path, out: Path, params: Params, resume: bool = False) -
     if not params.pretrain.enabled:
         return write_skipped(Path(out))
     stage = Pretraining(params)
-    return stage.run(Path(manifests), Path(out), resume=resume, log_model=_log_model)
+    logger = _model_logger(Path(manifests), whole_image=False)
+    return stage.run(Path(manifests), Path(out), resume=resume, log_model=logger)
 
 
 def train(
@@ -87,4 +97,5 @@ def train(
 ) -> dict[str, Any]:
     """Joint detection + re-id training; writes `out/model.pt` (and logs it to MLflow)."""
     stage = JointTraining(params, init=Path(init) if init else None)
-    return stage.run(Path(manifests), Path(out), resume=resume, log_model=_log_model)
+    logger = _model_logger(Path(manifests), whole_image=True)
+    return stage.run(Path(manifests), Path(out), resume=resume, log_model=logger)

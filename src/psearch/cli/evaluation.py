@@ -50,6 +50,12 @@ def add_commands(subparsers, common: argparse.ArgumentParser) -> None:
         default=None,
         help="gallery = other cameras than the query's only (PRW practice)",
     )
+    p.add_argument(
+        "--cbgm",
+        action="store_true",
+        default=None,
+        help="re-rank with the other people of the query and gallery images (SeqNet's CBGM)",
+    )
     p.add_argument("--no-plots", action="store_true", help="write plot CSVs only, no PNGs")
 
 
@@ -60,6 +66,7 @@ def _config(args: argparse.Namespace) -> EvaluateConfig:
         det_eval_thresh=args.det_eval_thresh,
         gallery_sizes=args.gallery_sizes,
         cross_camera=args.cross_camera,
+        cbgm=args.cbgm,
         plots=False if args.no_plots else None,
     )
     if cfg.gallery_sizes is not None and not cfg.gallery_sizes:

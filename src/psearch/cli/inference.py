@@ -14,14 +14,17 @@ from pathlib import Path
 from psearch.cli.common import (
     add_command,
     add_joint_model,
-    add_manifests,
     add_out,
     load_params_from_args,
     print_summary,
 )
+from psearch.errors import PsearchError
 from psearch.inference.report import report
-from psearch.inference.search import format_matches, parse_box, search
+from psearch.inference.search import format_result, parse_box, search
 from psearch.inference.shards import parse_shard
+
+# Frames sampled per second of video by default: people stay in view for seconds.
+EVERY_SECONDS = 1.0
 
 
 def add_commands(subparsers, common: argparse.ArgumentParser) -> None:
@@ -40,7 +43,14 @@ def add_commands(subparsers, common: argparse.ArgumentParser) -> None:
 
 def _add_extract(subparsers, common: argparse.ArgumentParser) -> None:
     p = add_command(subparsers, common, "extract", _extract)
-    add_manifests(p)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--manifests", metavar="DIR", help="output of psearch ingest")
+    source.add_argument(
+        "--video",
+        metavar="FILE_OR_DIR",
+        help="instead of --manifests: a video file, or a folder of them; sampled frames "
+        "become the gallery (DETS/frames.parquet gives each frame's video and timestamp)",
+    )
     add_joint_model(p)
     add_out(p, "DETS", "output directory")
     p.add_argument(
@@ -81,6 +91,21 @@ def _add_extract(subparsers, common: argparse.ArgumentParser) -> None:
         default=None,
         help="IDNet (idnet.pt of psearch pretrain) for --features idnet",
     )
+    sampling = p.add_mutually_exclusive_group()
+    sampling.add_argument(
+        "--every-seconds",
+        type=float,
+        default=None,
+        metavar="S",
+        help=f"with --video: one frame every S seconds of video (default {EVERY_SECONDS:g})",
+    )
+    sampling.add_argument(
+        "--every-frames",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --video: every N-th frame (1 = every frame)",
+    )
 
 
 def _add_search(subparsers, common: argparse.ArgumentParser) -> None:
@@ -101,7 +126,20 @@ def _add_search(subparsers, common: argparse.ArgumentParser) -> None:
         help="instead of --gallery: a gallery index (psearch index); faster on large galleries",
     )
     p.add_argument("--top-k", type=int, default=10, metavar="K", help="matches to show")
-    add_out(p, "PNG", "picture of the query and matches", required=False)
+    add_out(
+        p,
+        "PNG_OR_CLIP",
+        "picture of the query and matches (.png); over a video gallery also a clip of the "
+        "matched frames in time order (.mp4, .mov, .mkv, .avi)",
+        required=False,
+    )
+    p.add_argument(
+        "--format",
+        choices=["text", "json", "csv"],
+        default="text",
+        help="how to print the matches (json and csv carry video, frame and time_s for "
+        "video galleries)",
+    )
     p.add_argument(
         "--det-thresh",
         type=float,
@@ -116,6 +154,11 @@ def _add_search(subparsers, common: argparse.ArgumentParser) -> None:
         help="where the extraction's images are listed, when extraction.json's "
         "manifests path has moved",
     )
+    p.add_argument(
+        "--cbgm",
+        action="store_true",
+        help="re-rank with the other people of the query and gallery images (SeqNet's CBGM)",
+    )
 
 
 def _extract(args: argparse.Namespace) -> int:
@@ -124,8 +167,11 @@ def _extract(args: argparse.Namespace) -> int:
     One forward pass per test image gives its boxes, scores and re-id features
     (DETS/gallery_detections.parquet); each query's feature comes from its given box
     (DETS/query_features.parquet); DETS/extraction.json records the settings and throughput.
-    --boxes gt and --features idnet give the paper's baselines. Settings: the `extract` and
-    `model` sections of params.yaml.
+    --boxes gt and --features idnet give the paper's baselines. With --video instead of
+    --manifests, frames sampled from the footage (--every-seconds S, default 1, or
+    --every-frames N) are the gallery: DETS/gallery_detections.parquet as above and
+    DETS/frames.parquet (each frame's video, frame index and time); no queries. Settings: the
+    `extract` and `model` sections of params.yaml.
     """
     # --batch-size and --device are --set shorthands: validated like any override.
     flags = {"extract.batch_size": args.batch_size, "extract.device": args.device}
@@ -134,6 +180,14 @@ def _extract(args: argparse.Namespace) -> int:
     # lazy: importing torch takes ~2 s; --help and light commands must not pay it
     from psearch import stages
 
+    if args.video is not None:
+        info = stages.extract_video(
+            Path(args.video), args.model, Path(args.out), params, **_sampling(args)
+        )
+        print_summary(info)
+        return 0
+    if args.every_seconds is not None or args.every_frames is not None:
+        raise PsearchError("--every-seconds / --every-frames: only used with --video")
     options = {
         "shard": parse_shard(args.shard) if args.shard else None,
         "boxes": args.boxes,
@@ -145,6 +199,18 @@ def _extract(args: argparse.Namespace) -> int:
         print(f"{info['out']}: already extracted with these settings, skipped", file=sys.stderr)
     print_summary(info)
     return 0
+
+
+def _sampling(args: argparse.Namespace) -> dict[str, float | int | None]:
+    """The --video options: which frames to sample (default one every EVERY_SECONDS)."""
+    for flag, value in (("--shard", args.shard), ("--idnet", args.idnet)):
+        if value is not None:
+            raise PsearchError(f"{flag}: not available with --video")
+    if args.boxes != "detect" or args.features != "joint":
+        raise PsearchError("--video: runs the joint model's detections and features only")
+    if args.every_frames is not None:
+        return {"every_frames": args.every_frames}
+    return {"every_seconds": EVERY_SECONDS if args.every_seconds is None else args.every_seconds}
 
 
 def _merge(args: argparse.Namespace) -> int:
@@ -179,7 +245,8 @@ def _search(args: argparse.Namespace) -> int:
     Computes the query's feature from --box in --query, then ranks every detection in the
     gallery (a folder of images, detected now, or an extraction directory, read from its
     gallery_detections.parquet) by similarity. Each gallery image counts once, by its best
-    detection.
+    detection. Over a video extraction (psearch extract --video) each match also gives its
+    video, frame index and time, and --out clip.mp4 shows the matched frames as a clip.
     """
     params = load_params_from_args(args)
     result = search(
@@ -193,6 +260,7 @@ def _search(args: argparse.Namespace) -> int:
         det_thresh=args.det_thresh,
         manifests=Path(args.manifests) if args.manifests else None,
         index=Path(args.index) if args.index else None,
+        cbgm=args.cbgm,
     )
-    print(format_matches(result), end="")
+    print(format_result(result, args.format), end="")
     return 0

@@ -85,7 +85,7 @@ def score_search(
     wanted = [s for s in wanted if s in present]
     cameras = data.cameras() if cfg.cross_camera else None
     protocols = build_protocols(data, galleries, wanted, cameras)
-    scorer = SearchScorer(data, cfg.det_thresh, cameras)
+    scorer = SearchScorer(data, cfg.det_thresh, cameras, cfg.cbgm)
     return scorer, protocols, scorer.score(protocols)
 
 

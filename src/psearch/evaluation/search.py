@@ -14,6 +14,9 @@ candidates against its positives' similarities.
 
 Ties in similarity between a positive and negatives are ranked pessimistically
 for top-k and the rank of the first match (negatives first).
+
+With CBGM (psearch.evaluation.cbgm) each protocol scores its own revised copy of the
+block's similarities; everything after that is the same.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import pyarrow as pa
 
 from psearch.errors import PsearchError
 from psearch.evaluation.boxes import iou_pairs, search_iou_threshold
+from psearch.evaluation.cbgm import ContextReranker
 from psearch.evaluation.inputs import EvalData, column_numpy, column_valid
 
 WHOLE_SET = -1  # gallery_size of the whole-test-set protocol
@@ -156,7 +160,7 @@ def order_key(values: np.ndarray) -> np.ndarray:
 class SearchScorer:
     """Scores every protocol over blocks of queries (one similarity matrix per block)."""
 
-    def __init__(self, data: EvalData, det_thresh: float, cameras=None):
+    def __init__(self, data: EvalData, det_thresh: float, cameras=None, cbgm: bool = False):
         self.data = data
         dets = data.detections
         self.candidates = np.flatnonzero(dets.scores >= det_thresh)  # detection indices
@@ -166,10 +170,20 @@ class SearchScorer:
         self.gallery = dets.features[self.candidates].astype(np.float64)
         self.image_ptr = np.searchsorted(self.cand_image, np.arange(len(data.image_ids) + 1))
         self.cameras = cameras
+        self.reranker = (
+            ContextReranker(data, self.candidates, self.image_ptr, self.gallery) if cbgm else None
+        )
 
     def similarities(self, rows: slice | np.ndarray) -> np.ndarray:
         query = self.data.query_features[rows].astype(np.float64)
         return (query @ self.gallery.T).astype(np.float32)
+
+    def protocol_similarities(self, p: Protocol, q0: int, q1: int, sims, best):
+        """(similarities, image maxima) of the block as protocol `p` scores them: CBGM-revised
+        when on."""
+        if self.reranker is None:
+            return sims, best
+        return self.reranker.revise(sims, best, self.image_members(p, q0, q1), q0)
 
     def expand(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(position in `image`, candidate) for every candidate of every listed image."""
@@ -250,7 +264,8 @@ class SearchScorer:
             sims = self.similarities(slice(q0, q1))
             best = self.image_max(sims)
             for p in protocols:
-                self._score_block(p, eligible[p.size], sims, best, q0, q1, results[p.size])
+                revised, top = self.protocol_similarities(p, q0, q1, sims, best)
+                self._score_block(p, eligible[p.size], revised, top, q0, q1, results[p.size])
         return results
 
     def _score_block(self, p, eligible, sims, best, q0, q1, out: QueryScores) -> None:
@@ -303,7 +318,8 @@ class SearchScorer:
         """The k most similar candidates of one query's gallery: (detection, similarity, correct)."""
         member = self.image_members(p, row, row + 1)[0]
         idx = np.flatnonzero(member[self.cand_image])
-        sims = self.similarities(slice(row, row + 1))[0, idx]
+        sims = self.similarities(slice(row, row + 1))
+        sims = self.protocol_similarities(p, row, row + 1, sims, self.image_max(sims))[0][0, idx]
         g0, g1 = np.searchsorted(p.gt_query, [row, row + 1])
         correct = np.isin(self.candidates[idx], scores.positive[g0:g1])
         order = np.lexsort((correct, -sims))[:k]

@@ -3,12 +3,14 @@
 Images are decoded (uint8) in DataLoader workers and converted to float on the device. Batches
 hold images of one padded size only (batching.py), so results do not depend on batch
 neighbours. Each pass yields its results a chunk at a time, in the order of the input list.
+`run_stream` is the same pass over images that arrive one by one (video frames, decoded by
+the caller): consecutive images of one padded size share a batch, and only a batch is held.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +95,31 @@ def run_chunks(
             images = [image.to(device, non_blocking=True) for _, image, _ in items]
             results.update(zip(positions, step(positions, images), strict=True))
         yield sorted(results.items())
+
+
+def run_stream(
+    items: Iterable[tuple[Any, torch.Tensor]],
+    step: Callable[[list[int], list[torch.Tensor]], list[Any]],
+    batch_size: int,
+    device: torch.device,
+) -> Iterator[list[tuple[int, Any]]]:
+    """Run `step` over (key, uint8 [3, H, W] image) pairs as they come; yield each batch's
+    (position, result) pairs in order. A batch holds consecutive images with one key (their
+    padded size), so, as in `run_chunks`, no result depends on its batch neighbours."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    positions: list[int] = []
+    images: list[torch.Tensor] = []
+    batch_key = None
+    for position, (key, image) in enumerate(items):
+        if images and (key != batch_key or len(images) == batch_size):
+            yield list(zip(positions, step(positions, images), strict=True))
+            positions, images = [], []
+        batch_key = key
+        positions.append(position)
+        images.append(image.to(device, non_blocking=True))
+    if images:
+        yield list(zip(positions, step(positions, images), strict=True))
 
 
 def as_float(images: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -9,6 +9,8 @@ IDNet on crops of the boxes (Deep + IDNet, the two-stage pipeline).
 Outputs (docs/contract.md): OUT/gallery_detections.parquet, OUT/query_features.parquet and
 OUT/extraction.json (settings, counts, throughput, where the images are). With a shard I/N,
 the same files go to OUT/part-00I-of-00N/ instead (see shards.py); `merge` combines them.
+With tracking on, an extraction is an MLflow stage run: the test split as its dataset
+input, the machine's use sampled (system metrics) and its throughput as `extract/...`.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from psearch.inference.writer import (
     write_extraction_json,
     write_query_features,
 )
-from psearch.tracking import data_version
+from psearch.tracking import data_version, stage_metrics, stage_run
 
 __all__ = ["extract", "merge"]
 
@@ -77,6 +79,38 @@ def extract(
     if shard and _finished(target, settings):
         return {**read_extraction_json(target), "out": str(target), "skipped": True}
 
+    detail = f"{boxes}+{features}" + (f" · part {shard[0]}/{shard[1]}" if shard else "")
+    tracking = stage_run(
+        "extract", params, manifests, split="test", system_metrics=True, name_detail=detail
+    )
+    with tracking as tracked:
+        info = _extract(tables, gallery, query_images, model, idnet, params, settings, target)
+        if tracked is not None:
+            _log_throughput(info)
+    return {**info, "out": str(target), "skipped": False}
+
+
+def _log_throughput(info: dict[str, Any]) -> None:
+    import mlflow  # lazy: seconds to import; only a tracked extraction needs it
+
+    keys = ("images", "queries", "detections", "seconds", "images_per_s", "query_seconds")
+    numbers = {k: float(info[k]) for k in keys if isinstance(info.get(k), (int, float))}
+    mlflow.log_metrics(stage_metrics("extract", numbers))
+
+
+def _extract(
+    tables: Manifests,
+    gallery: dict[str, list],
+    query_images: dict[str, list],
+    model: str,
+    idnet: Path | None,
+    params: Params,
+    settings: dict[str, Any],
+    target: Path,
+) -> dict[str, Any]:
+    """The two passes (gallery, queries) into `target`; returns extraction.json's content."""
+    boxes, features = settings["boxes"], settings["features"]
+    shard = tuple(settings["shard"]) if settings["shard"] else None
     device = resolve_device(params.extract.device)
     passes = _Passes(model, idnet, params, device, boxes, features)
     started = time.perf_counter()
@@ -99,11 +133,11 @@ def extract(
             "batch_size": params.extract.batch_size,
             "amp": bool(params.extract.amp and device.type == "cuda"),
             # Where the images are, for `psearch search` on this directory.
-            "manifests": str(manifests.resolve()),
+            "manifests": str(Path(tables.root).resolve()),
             "image_root": str(dataset_root(tables)),
         }
         write_extraction_json(tmp, info)
-    return {**info, "out": str(target), "skipped": False}
+    return info
 
 
 def _check_modes(boxes: str, features: str, idnet: Path | None) -> None:

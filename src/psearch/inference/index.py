@@ -5,7 +5,8 @@ and writes INDEX/, a directory that is self-contained for searching:
 
     index.faiss        the vectors (row i = detection_id i); inner product, as `psearch search`
     detections.parquet detection_id, image_id, x1, y1, x2, y2, score (the rows the index points to)
-    images.parquet     every gallery image: image_id, path (absolute), width, height
+    images.parquet     every gallery image: image_id, path (absolute), width, height; and for
+                       a video gallery, video, frame_index, time_s (null for image files)
     index.json         kind and parameters, counts, the model's weights fingerprint and URI,
                        the data version, the extraction it came from
 
@@ -37,6 +38,7 @@ from psearch.data.loaders import dataset_root
 from psearch.data.manifest import GALLERY_DETECTIONS, feature_dim, read_manifests
 from psearch.errors import PsearchError
 from psearch.inference.loading import fetch_model
+from psearch.inference.video import frame_ref, is_video_extraction, read_frames
 from psearch.inference.writer import read_extraction_json
 from psearch.jsonfile import read_json_object
 
@@ -68,8 +70,13 @@ IMAGES_SCHEMA = pa.schema(
         ("path", pa.string()),
         ("width", pa.int32()),
         ("height", pa.int32()),
+        ("video", pa.string()),
+        ("frame_index", pa.int64()),
+        ("time_s", pa.float64()),
     ]
 )
+# Columns an index built before video galleries lacks: they read as null.
+VIDEO_COLUMNS = ("video", "frame_index", "time_s")
 
 
 # ---------------------------------------------------------------------------
@@ -225,7 +232,24 @@ def build_index(
 
 
 def _gallery_images(detections: Path, info: dict[str, Any], manifests: Path | None) -> pa.Table:
-    """The extraction's gallery (the test split), with absolute image paths."""
+    """The extraction's gallery (the test split), with absolute image paths; for a video
+    extraction its frames, each named by its video and time (video.frame_ref)."""
+    if is_video_extraction(detections):
+        frames = read_frames(detections).sort_by("image_id")
+        names = [
+            frame_ref(video, time_s)
+            for video, time_s in zip(
+                frames.column("video").to_pylist(), frames.column("time_s").to_pylist(), strict=True
+            )
+        ]
+        return pa.Table.from_arrays(
+            [
+                frames.column("image_id"),
+                pa.array(names, pa.string()),
+                *(frames.column(c) for c in ("width", "height", "video", "frame_index", "time_s")),
+            ],
+            schema=IMAGES_SCHEMA,
+        )
     manifests = Path(manifests or info.get("manifests") or "")
     if not (manifests / "images.parquet").is_file():
         raise PsearchError(
@@ -243,6 +267,7 @@ def _gallery_images(detections: Path, info: dict[str, Any], manifests: Path | No
             pa.array(paths, pa.string()),
             images.column("width").cast(pa.int32()),
             images.column("height").cast(pa.int32()),
+            *(pa.nulls(images.num_rows, IMAGES_SCHEMA.field(c).type) for c in VIDEO_COLUMNS),
         ],
         schema=IMAGES_SCHEMA,
     )
@@ -254,10 +279,21 @@ def _gallery_images(detections: Path, info: dict[str, Any], manifests: Path | No
 
 @dataclass(frozen=True)
 class GalleryImage:
+    """A gallery image; a video frame also has its video, frame index and time (seconds)."""
+
     image_id: int
     path: str
     width: int
     height: int
+    video: str | None = None
+    frame_index: int | None = None
+    time_s: float | None = None
+
+    def where(self) -> dict[str, Any]:
+        """{video, frame, time_s} of a video frame (as `psearch search` gives them), else {}."""
+        if self.video is None:
+            return {}
+        return {"video": self.video, "frame": self.frame_index, "time_s": self.time_s}
 
 
 class GalleryIndex:
@@ -281,13 +317,8 @@ class GalleryIndex:
         self.image_ids = rows.column("image_id").to_numpy()
         self.boxes = np.stack([rows.column(c).to_numpy() for c in ("x1", "y1", "x2", "y2")], 1)
         self.scores = rows.column("score").to_numpy()
-        images = pq.read_table(path / IMAGES_FILE, schema=IMAGES_SCHEMA).to_pydict()
-        self.images = {
-            image_id: GalleryImage(image_id, p, w, h)
-            for image_id, p, w, h in zip(
-                images["image_id"], images["path"], images["width"], images["height"], strict=True
-            )
-        }
+        images = _read_images(path / IMAGES_FILE)
+        self.images = {row["image_id"]: GalleryImage(**row) for row in images.to_pylist()}
         # Detections of one image, for drawing its boxes: rows sorted by image_id.
         self._order = np.argsort(self.image_ids, kind="stable")
         self._sorted_ids = self.image_ids[self._order]
@@ -352,10 +383,22 @@ class GalleryIndex:
             match = self.detection(row)
             match.update(rank=len(matches) + 1, similarity=float(sim))
             match["image"] = self.images[image_id].path
+            match.update(self.images[image_id].where())
             matches.append(match)
             if len(matches) == top_k:
                 break
         return matches
+
+
+def _read_images(path: Path) -> pa.Table:
+    """images.parquet of an index, with the video columns (null) when it predates them."""
+    names = pq.read_schema(path).names
+    table = pq.read_table(path, columns=[c for c in IMAGES_SCHEMA.names if c in names])
+    for column in VIDEO_COLUMNS:
+        if column not in names:
+            field = IMAGES_SCHEMA.field(column)
+            table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+    return table.select(IMAGES_SCHEMA.names)
 
 
 def read_index_json(path: Path) -> dict[str, Any]:

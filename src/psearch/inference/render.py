@@ -3,7 +3,9 @@
 A grid of fixed-size tiles (so the picture's size depends only on the number of matches):
 the first tile is the query crop, then one tile per match in rank order, each the whole
 gallery image scaled to fit, the matched box drawn on it and a caption with its rank,
-similarity and detection score above it.
+similarity and detection score above it (and, for a video frame, its time in the video).
+Over a video gallery the matches can also be a clip (`render_clip`): the matched frames in
+the order they happen, each held for a second, box and time drawn on it.
 """
 
 from __future__ import annotations
@@ -11,9 +13,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from psearch.atomic import atomic_file
+from psearch.errors import PsearchError
+from psearch.inference.video import CLIP_FORMATS, read_frame, write_clip
 
 TILE_W, TILE_H = 256, 192
 CAPTION_H = 22
@@ -93,14 +98,71 @@ def render_search(
         crop = image.convert("RGB").crop(tuple(round(v) for v in query_box))
     _paste_tile(canvas, 0, crop, "query", QUERY_COLOUR)
     for index, match in enumerate(matches, start=1):
-        with Image.open(match["image"]) as image:
-            scene = image.convert("RGB")
         caption = (
             f"#{match['rank']}  sim {match['similarity']:.3f}  det {match['score']:.2f}  "
-            f"{Path(match['image']).name}"
+            f"{match_name(match)}"
         )
         colour = TOP1_COLOUR if match["rank"] == 1 else OTHER_COLOUR
-        _paste_tile(canvas, index, scene, caption, colour, box=match["box"])
+        _paste_tile(canvas, index, _scene(match), caption, colour, box=match["box"])
     with atomic_file(out) as tmp:
         canvas.save(tmp, format="PNG")
+    return size
+
+
+def match_name(match: dict[str, Any]) -> str:
+    """The matched image's file name; for a video frame, the video's and the time."""
+    if match.get("video"):
+        return f"{Path(match['video']).name} @ {format_time(match['time_s'])}"
+    return Path(match["image"]).name
+
+
+def format_time(seconds: float) -> str:
+    """12.5 -> '0:12.50', 3725.25 -> '1:02:05.25'."""
+    minutes, secs = divmod(float(seconds), 60.0)
+    hours, minutes = divmod(int(minutes), 60)
+    return f"{hours}:{minutes:02d}:{secs:05.2f}" if hours else f"{minutes}:{secs:05.2f}"
+
+
+def _scene(match: dict[str, Any]) -> Image.Image:
+    """The whole gallery image of a match: a file, or a frame decoded from its video."""
+    if match.get("video"):
+        return Image.fromarray(read_frame(match["video"], match["frame"], match["time_s"]))
+    with Image.open(match["image"]) as image:
+        return image.convert("RGB")
+
+
+# Clip: frames per second, and frames each match is shown for.
+CLIP_FPS, CLIP_HOLD = 4, 4
+
+
+def is_clip(out: Path) -> bool:
+    return Path(out).suffix.lower() in CLIP_FORMATS
+
+
+def render_clip(matches: list[dict[str, Any]], out: Path) -> tuple[int, int]:
+    """The matched video frames in time order (video, then time), each with its box, rank
+    and time drawn, as a clip at `out` (.mp4, .mov, .mkv or .avi); returns its size."""
+    if not matches:
+        raise PsearchError(f"{out}: no match to show (nothing above the detection threshold)")
+    if not all(match.get("video") for match in matches):
+        raise PsearchError(f"{out}: a clip needs a video gallery (psearch extract --video)")
+    ordered = sorted(matches, key=lambda m: (m["video"], m["time_s"]))
+    first = _scene(ordered[0])
+    # yuv420p needs even sides; every frame is scaled to the first one's size.
+    size = (first.width - first.width % 2, first.height - first.height % 2)
+    pictures = []
+    for match in ordered:
+        scene = _scene(match).convert("RGB")
+        scale = (size[0] / scene.width, size[1] / scene.height)
+        scene = scene.resize(size, Image.Resampling.BILINEAR)
+        draw = ImageDraw.Draw(scene)
+        x1, y1, x2, y2 = match["box"]
+        colour = TOP1_COLOUR if match["rank"] == 1 else OTHER_COLOUR
+        shape = [x1 * scale[0], y1 * scale[1], x2 * scale[0], y2 * scale[1]]
+        draw.rectangle(shape, outline=colour, width=2)
+        caption = f"#{match['rank']} {match_name(match)} sim {match['similarity']:.3f}"
+        draw.text((3, 3), caption, fill=(255, 255, 255), font=_font(12))
+        pictures.append(np.asarray(scene))
+    with atomic_file(out) as tmp:
+        write_clip(pictures, tmp, CLIP_FPS, CLIP_HOLD, Path(out).suffix)
     return size

@@ -5,11 +5,15 @@ was extracted with IDNet features). The gallery is either a folder of images, de
 with the same batching as `psearch extract`, or an extraction directory, whose stored
 detections are read instead of running the network over the gallery again. Detections below
 the detection threshold are dropped; each gallery image is ranked by its most similar
-detection (the query's own image is never in its gallery).
+detection (the query's own image is never in its gallery). With `cbgm`, similarities are
+re-ranked with the query image's other people first (psearch.cbgm, via inference.context).
 """
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -20,7 +24,9 @@ import pyarrow.parquet as pq
 from psearch.config import Params
 from psearch.data.manifest import GALLERY_DETECTIONS, feature_dim, read_manifests
 from psearch.errors import PsearchError
-from psearch.inference.render import render_search
+from psearch.inference.context import detect_query_image, rerank
+from psearch.inference.render import is_clip, render_clip, render_search
+from psearch.inference.video import FRAMES_FILE, frame_ref, is_video_extraction, read_frames
 from psearch.inference.writer import read_extraction_json
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -73,6 +79,7 @@ def search(
     det_thresh: float | None = None,
     manifests: Path | None = None,
     index: Path | None = None,
+    cbgm: bool = False,
 ) -> dict[str, Any]:
     """Rank the gallery's images for the person at `box` (x, y, w, h) in `query` (the gallery
     is `index`, a `psearch index` output, when given)."""
@@ -83,6 +90,8 @@ def search(
         raise PsearchError(f"--top-k {top_k}: must be at least 1")
     if (gallery is None) == (index is None):
         raise PsearchError("give one of --gallery or --index")
+    if cbgm and index is not None:
+        raise PsearchError("--cbgm needs --gallery: an index keeps no detections per image")
     query = Path(query)
     gallery = Path(gallery if index is None else index)
     height, width = _image_size(query)
@@ -95,7 +104,7 @@ def search(
     thresh = params.evaluate.det_thresh if det_thresh is None else det_thresh
     device = resolve_device(params.extract.device)
     joint, _ = load_joint(model, params, device)
-    notes = []
+    notes, frames = [], {}
     if index is not None:
         return _search_index(
             gallery, query, [x, y, w, h], query_xyxy, joint, params, device, top_k, thresh, out
@@ -107,14 +116,20 @@ def search(
                 f"note: {gallery} was extracted with {info.get('model')}, the query uses "
                 f"{model}; similarities are only meaningful for the same model"
             )
-        image_paths, boxes, scores, feats = _stored_gallery(gallery, info, thresh, manifests)
+        if is_video_extraction(gallery):
+            source = "video"
+            image_paths, boxes, scores, feats, frames = _stored_frames(gallery, thresh)
+        else:
+            image_paths, boxes, scores, feats = _stored_gallery(gallery, info, thresh, manifests)
         # The query's own image is never in its gallery (a folder listing skips it already).
         own = {p for p in set(image_paths.tolist()) if _same_file(Path(p), query)}
         keep = np.array([p not in own for p in image_paths], bool)
+        context = (boxes[~keep], scores[~keep], feats[~keep])  # the query image's, if stored
     elif gallery.is_dir():
         source, info = "folder", {"features": "joint"}
         image_paths, boxes, scores, feats = _detect_folder(gallery, query, joint, params, device)
         keep = scores >= thresh  # (stored detections were read with this threshold already)
+        context = detect_query_image(query, joint, params, device, thresh) if cbgm else None
     else:
         raise PsearchError(f"{gallery}: not found (a folder of images or a psearch extract output)")
     image_paths, boxes, scores, feats = image_paths[keep], boxes[keep], scores[keep], feats[keep]
@@ -124,7 +139,13 @@ def search(
             f"{gallery}: gallery features have {feats.shape[1]} dimensions, the query "
             f"{query_feature.shape[0]} (extracted with another model?)"
         )
-    matches = rank_images(image_paths, boxes, scores, feats @ query_feature, top_k)
+    sims = feats @ query_feature
+    if cbgm:
+        sims, note = rerank(sims, image_paths, feats, query_feature, query_xyxy[0], context)
+        notes.append(note)
+    matches = rank_images(image_paths, boxes, scores, sims, top_k)
+    for match in matches:  # video frames: which video, which frame, when
+        match.update(frames.get(match["image"], {}))
     return _result(query, [x, y, w, h], query_xyxy, gallery, source, thresh, matches, notes, out)
 
 
@@ -139,7 +160,10 @@ def _result(query, box, query_xyxy, gallery, source, thresh, matches, notes, out
         "picture": None,
         "notes": notes,
     }
-    if out is not None:
+    if out is not None and is_clip(Path(out)):
+        render_clip(matches, Path(out))
+        result["picture"] = str(out)
+    elif out is not None:
         render_search(query, query_xyxy[0].tolist(), matches, Path(out))
         result["picture"] = str(out)
     return result
@@ -208,14 +232,35 @@ def format_matches(result: dict[str, Any]) -> str:
             f"{match['rank']:>3}  similarity {match['similarity']:.4f}  score "
             f"{match['score']:.3f}  box {x1:.0f},{y1:.0f},{x2 - x1:.0f},{y2 - y1:.0f}  "
             f"{match['image']}"
+            + (f"  frame {match['frame']} at {match['time_s']:.3f} s" if "video" in match else "")
         )
     if result["picture"]:
         lines.append(f"picture: {result['picture']}")
     return "\n".join(lines) + "\n"
 
 
+# One row per match in --format csv; video, frame and time_s are empty for an image gallery.
+CSV_COLUMNS = ("rank", "image", "x1", "y1", "x2", "y2", "similarity", "score")
+CSV_VIDEO_COLUMNS = ("video", "frame", "time_s")
+
+
+def format_result(result: dict[str, Any], fmt: str) -> str:
+    """The search result as text (format_matches), JSON (the whole result) or CSV (matches)."""
+    if fmt == "json":
+        return json.dumps(result, indent=2) + "\n"
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow([*CSV_COLUMNS, *CSV_VIDEO_COLUMNS])
+        for m in result["matches"]:
+            row = [m["rank"], m["image"], *m["box"], m["similarity"], m["score"]]
+            writer.writerow(row + [m.get(c, "") for c in CSV_VIDEO_COLUMNS])
+        return out.getvalue()
+    return format_matches(result)
+
+
 # ---------------------------------------------------------------------------
-# the query and the two kinds of gallery
+# the query and the kinds of gallery
 
 
 def _query_feature(
@@ -251,17 +296,34 @@ def _stored_gallery(gallery: Path, info: dict[str, Any], thresh: float, manifest
     tables = read_manifests(manifests)
     root = dataset_root(tables)
     images = tables.images.to_pydict()
-    paths = dict(zip(images["image_id"], images["path"], strict=True))
+    paths = {i: str(root / p) for i, p in zip(images["image_id"], images["path"], strict=True)}
+    return _read_detections(gallery, thresh, paths, manifests / "images.parquet")
+
+
+def _stored_frames(gallery: Path, thresh: float):
+    """As _stored_gallery for a video extraction: each frame is named by frame_ref (its video
+    and time); also returns {frame name: video, frame index, time}."""
+    frames = read_frames(gallery).to_pydict()
+    names, where = {}, {}
+    for image_id, video, index, time_s in zip(
+        frames["image_id"], frames["video"], frames["frame_index"], frames["time_s"], strict=True
+    ):
+        names[image_id] = frame_ref(video, time_s)
+        where[names[image_id]] = {"video": video, "frame": index, "time_s": time_s}
+    return (*_read_detections(gallery, thresh, names, gallery / FRAMES_FILE), where)
+
+
+def _read_detections(gallery: Path, thresh: float, names: dict[int, str], listing: Path):
+    """(image names, boxes, scores, features) of the detections with score >= thresh; `names`
+    maps image_id to the image's name (`listing` is where they come from, for errors)."""
     path = gallery / GALLERY_DETECTIONS
     table = pq.read_table(path, filters=[("score", ">=", float(thresh))])
     dim = feature_dim(table, path)
     ids = table.column("image_id").to_numpy()
-    missing = set(np.unique(ids).tolist()) - set(paths)
+    missing = set(np.unique(ids).tolist()) - set(names)
     if missing:
-        raise PsearchError(
-            f"{path}: image_id {min(missing)} is not in {manifests / 'images.parquet'}"
-        )
-    image_paths = np.array([str(root / paths[i]) for i in ids.tolist()], dtype=object)
+        raise PsearchError(f"{path}: image_id {min(missing)} is not in {listing}")
+    image_paths = np.array([names[i] for i in ids.tolist()], dtype=object)
     boxes = np.stack([table.column(c).to_numpy() for c in ("x1", "y1", "x2", "y2")], 1)
     scores = table.column("score").to_numpy()
     flat = table.column("feature").combine_chunks().flatten().to_numpy()

@@ -4,11 +4,14 @@
     POST /search                  a box in an uploaded image, in a gallery image, or a detection
                                   -> the gallery images ranked by their most similar detection
     GET  /images                  the gallery's images (paged)
-    GET  /images/{id}             one gallery image (the file)
+    GET  /images/{id}             one gallery image (the file; a video frame as JPEG)
     GET  /images/{id}/detections  its indexed detections
     GET  /crops/{detection_id}    a detection's crop (JPEG)
     GET  /healthz, GET /version   liveness; the model, index and data versions
     POST /reload                  check now whether the champion alias or the index moved
+
+Over a video gallery (psearch extract --video), matches and images also carry their video,
+frame index and time in seconds.
 
 Every error is JSON `{"error": "...", "status": N}`; bad input is a 4xx, never a 500. Each
 request reads the service's current snapshot once, so a reload never mixes two models.
@@ -31,10 +34,13 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from psearch import __version__
+from psearch.errors import PsearchError
+from psearch.inference.index import GalleryImage
 from psearch.serving.images import (
     MAX_UPLOAD_BYTES,
     BadImage,
     decode_upload,
+    frame_jpeg,
     read_image,
     render_crop,
 )
@@ -70,7 +76,15 @@ class Detection(BaseModel):
     crop_url: str
 
 
-class Match(Detection):
+class FramePlace(BaseModel):
+    """Where a video gallery's frame is; all null for an image gallery."""
+
+    video: str | None = Field(None, description="the video file the frame was sampled from")
+    frame: int | None = Field(None, description="frame index in the video, 0-based")
+    time_s: float | None = Field(None, description="seconds from the start of the video")
+
+
+class Match(Detection, FramePlace):
     rank: int
     similarity: float = Field(description="inner product of the re-id features")
     image_url: str
@@ -92,7 +106,7 @@ class SearchResult(BaseModel):
     seconds: float
 
 
-class GalleryImageInfo(BaseModel):
+class GalleryImageInfo(FramePlace):
     image_id: int
     width: int
     height: int
@@ -238,6 +252,7 @@ def create_app(service: SearchService) -> FastAPI:
                     height=image.height,
                     detections=len(snapshot.index.detections_of(image.image_id)),
                     url=f"/images/{image.image_id}",
+                    **image.where(),
                 )
                 for image in page
             ],
@@ -250,6 +265,14 @@ def create_app(service: SearchService) -> FastAPI:
     )
     def get_image(image_id: int):
         image = _gallery_image(service.current, image_id)
+        if image.video is not None:
+            try:
+                data = frame_jpeg(image)
+            except PsearchError:
+                raise HTTPException(404, f"image {image_id}: its video cannot be read") from None
+            return Response(
+                data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"}
+            )
         path = Path(image.path)
         if not path.is_file():
             raise HTTPException(404, f"image {image_id}: its file is gone ({path.name})")
@@ -277,8 +300,8 @@ def create_app(service: SearchService) -> FastAPI:
         found = _detection(snapshot, detection_id)
         image = snapshot.index.images[found["image_id"]]
         try:
-            data = _crop(image.path, tuple(found["box"]))
-        except OSError:
+            data = _crop(image, tuple(found["box"]))
+        except (OSError, PsearchError):
             raise HTTPException(404, f"image {image.image_id}: its file cannot be read") from None
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 
@@ -356,8 +379,8 @@ def _query(snapshot: Snapshot, upload, image_id, box, detection_id):
     else:
         gallery = _gallery_image(snapshot, image_id)
         try:
-            pixels = read_image(gallery.path)
-        except (RuntimeError, OSError):
+            pixels = read_image(gallery)
+        except (RuntimeError, OSError, PsearchError):
             raise HTTPException(404, f"image {image_id}: its file cannot be read") from None
     height, width = int(pixels.shape[1]), int(pixels.shape[2])
     _check_inside(query_box, width, height)
@@ -365,5 +388,5 @@ def _query(snapshot: Snapshot, upload, image_id, box, detection_id):
 
 
 @lru_cache(maxsize=4096)
-def _crop(path: str, box: tuple[float, ...]) -> bytes:
-    return render_crop(path, list(box))
+def _crop(image: GalleryImage, box: tuple[float, ...]) -> bytes:
+    return render_crop(image, list(box))

@@ -3,18 +3,21 @@
 Uploads are checked from their header (format, size) before any pixel is decoded, so a
 malformed or gigantic file is a 4xx, never a crash. Pixels are decoded by torchvision, the
 decoder `psearch extract` used, so a gallery image searched from the page gives the features
-its extraction gave.
+its extraction gave; a video gallery's frames are decoded from their video by PyAV, as
+`psearch extract --video` decoded them.
 """
 
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_image
+
+from psearch.inference.index import GalleryImage
+from psearch.inference.video import read_frame
 
 # An upload larger than this (bytes) is refused with 413; so is one above MAX_PIXELS.
 MAX_UPLOAD_BYTES = 16 * 1024 * 1024
@@ -71,18 +74,38 @@ def _decode_with_pil(data: bytes) -> torch.Tensor:
     return torch.from_numpy(pixels.copy()).permute(2, 0, 1).contiguous()
 
 
-def read_image(path: str | Path) -> torch.Tensor:
-    """uint8 [3, H, W] RGB of a gallery image, decoded as `psearch extract` did."""
-    return decode_image(str(path), mode=ImageReadMode.RGB)
+def read_image(image: GalleryImage) -> torch.Tensor:
+    """uint8 [3, H, W] RGB of a gallery image (a file or a video frame), decoded as
+    `psearch extract` did."""
+    if image.video is not None:
+        pixels = read_frame(image.video, image.frame_index, image.time_s)
+        return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
+    return decode_image(str(image.path), mode=ImageReadMode.RGB)
 
 
-def render_crop(path: str | Path, box: list[float], height: int = CROP_HEIGHT) -> bytes:
-    """JPEG of the box (x1, y1, x2, y2) cut from the image at `path`, `height` pixels tall."""
-    with Image.open(path) as image:
+def open_picture(image: GalleryImage) -> Image.Image:
+    """A gallery image (a file or a video frame) as an RGB PIL image."""
+    if image.video is not None:
+        return Image.fromarray(read_frame(image.video, image.frame_index, image.time_s))
+    with Image.open(image.path) as opened:
+        return opened.convert("RGB")
+
+
+def frame_jpeg(image: GalleryImage) -> bytes:
+    """JPEG of a video frame of the gallery (there is no file to send)."""
+    out = io.BytesIO()
+    open_picture(image).save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
+def render_crop(image: GalleryImage, box: list[float], height: int = CROP_HEIGHT) -> bytes:
+    """JPEG of the box (x1, y1, x2, y2) cut from a gallery image, `height` pixels tall."""
+    with open_picture(image) as picture:
         x1, y1, x2, y2 = box
         x1, y1 = max(0, int(x1)), max(0, int(y1))
-        x2, y2 = min(image.width, max(x1 + 1, round(x2))), min(image.height, max(y1 + 1, round(y2)))
-        crop = image.convert("RGB").crop((x1, y1, x2, y2))
+        x2 = min(picture.width, max(x1 + 1, round(x2)))
+        y2 = min(picture.height, max(y1 + 1, round(y2)))
+        crop = picture.crop((x1, y1, x2, y2))
     width = max(1, round(crop.width * height / crop.height))
     out = io.BytesIO()
     crop.resize((width, height), Image.BILINEAR).save(out, "JPEG", quality=88)

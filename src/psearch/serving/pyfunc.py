@@ -2,7 +2,10 @@
 
 ``log_model`` logs a model file to the active run as a ``pyfunc`` model wrapping the file
 itself, so both ``psearch.inference.loading.fetch_model("runs:/<id>/model")`` and
-``mlflow.pyfunc.load_model(...)`` work.
+``mlflow.pyfunc.load_model(...)`` work. It carries a signature (SIGNATURE: the table
+below, in and out) and, given the manifests it was trained on, an input example: one of
+their test images, whole and with one of its boxes (``example_input``) — MLflow runs the
+logged model on it once, so a model that cannot answer its own example warns at logging.
 
 ``predict`` takes a DataFrame with a ``path`` column (image files) and optional query box
 columns ``x1, y1, x2, y2`` (pixels). A row with a box gets that box's feature (the paper's
@@ -21,9 +24,14 @@ import mlflow
 import mlflow.pyfunc
 import pandas as pd
 import torch
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, DataType, Schema
+from mlflow.types.schema import Array
 from torchvision.io import ImageReadMode, decode_image
 
 from psearch.config import PretrainConfig
+from psearch.data.loaders import dataset_root
+from psearch.data.manifest import read_manifests
 from psearch.errors import PsearchError
 from psearch.imaging import cut_crops
 from psearch.models.idnet import IDNet
@@ -33,6 +41,24 @@ BOX_COLUMNS = ["x1", "y1", "x2", "y2"]
 OUTPUT_COLUMNS = ["path", *BOX_COLUMNS, "score", "feature"]
 # IDNet crops when the checkpoint's meta does not say (older IDNet files).
 DEFAULT_CROP_SIZE = (PretrainConfig.crop_height, PretrainConfig.crop_width)
+# What predict takes and returns, for the model's page in the MLflow UI and for serving.
+# The box columns are optional: a row without them asks for every detection.
+SIGNATURE = ModelSignature(
+    inputs=Schema(
+        [
+            ColSpec(DataType.string, "path"),
+            *(ColSpec(DataType.double, c, required=False) for c in BOX_COLUMNS),
+        ]
+    ),
+    outputs=Schema(
+        [
+            ColSpec(DataType.string, "path"),
+            *(ColSpec(DataType.double, c) for c in BOX_COLUMNS),
+            ColSpec(DataType.double, "score"),
+            ColSpec(Array(DataType.double), "feature"),
+        ]
+    ),
+)
 
 
 def pip_requirements() -> list[str]:
@@ -103,8 +129,37 @@ class PersonSearchModel(mlflow.pyfunc.PythonModel):
         return cut_crops(pixels, [box], (height, width), self.model.context)
 
 
-def log_model(model_file: str | Path, name: str = "model") -> tuple[str, str]:
-    """Log a model file to the active MLflow run as a pyfunc model.
+def example_input(manifests: str | Path, whole_image: bool = True) -> pd.DataFrame | None:
+    """predict's input for the first test image of `manifests` that has a box: the image
+    whole (when `whole_image`; an IDNet only answers boxes) and that box. None when the
+    manifests list no such image or its file is missing."""
+    tables = read_manifests(manifests)
+    images = tables.images.to_pydict()
+    test = {
+        i: p
+        for i, p, s in zip(images["image_id"], images["path"], images["split"], strict=True)
+        if s == "test"
+    }
+    boxes = tables.boxes.to_pydict()
+    position = next((i for i, image in enumerate(boxes["image_id"]) if image in test), None)
+    if position is None:
+        return None
+    image_id = boxes["image_id"][position]
+    path = dataset_root(tables) / test[image_id]
+    if not path.is_file():
+        return None
+    box = {c: float(boxes[c][position]) for c in BOX_COLUMNS}
+    rows = [{"path": str(path), **box}]
+    if whole_image:
+        rows.insert(0, {"path": str(path), **dict.fromkeys(BOX_COLUMNS, float("nan"))})
+    return pd.DataFrame(rows, columns=["path", *BOX_COLUMNS])
+
+
+def log_model(
+    model_file: str | Path, name: str = "model", example: pd.DataFrame | None = None
+) -> tuple[str, str]:
+    """Log a model file to the active MLflow run as a pyfunc model, with SIGNATURE and
+    `example` (see example_input) as its input example.
 
     Returns ``(runs:/<run id>/<name>, models:/<logged model id>)``: the first is the URI
     users read in the run, the second MLflow 3's own id of the logged model, which the
@@ -121,5 +176,7 @@ def log_model(model_file: str | Path, name: str = "model") -> tuple[str, str]:
         python_model=PersonSearchModel(),
         artifacts={"checkpoint": str(model_file)},
         pip_requirements=pip_requirements(),
+        signature=SIGNATURE,
+        input_example=example,
     )
     return f"runs:/{run.info.run_id}/{name}", logged.model_uri

@@ -5,7 +5,8 @@
 - parent: ParentRun, the parent run of one pipeline execution, shared by the
   `dvc repro` record below and the Kubeflow pipeline (components.runtime).
 - dvc_record: the execution record under .dvc/tmp that groups a `dvc repro`.
-- stage: stage_run, the MLflow run of one stage.
+- stage: stage_run, the MLflow run of one stage (named, with its dataset input and
+  system metrics: names, datasets).
 """
 
 from psearch.tracking.dvc_record import (
@@ -27,6 +28,7 @@ from psearch.tracking.mlflow_runs import (
     package_versions,
     tracking_uri,
 )
+from psearch.tracking.names import stage_metrics
 from psearch.tracking.parent import ParentRun
 from psearch.tracking.stage import stage_run
 
@@ -45,6 +47,7 @@ __all__ = [
     "package_versions",
     "pipeline_parent_run",
     "read_record",
+    "stage_metrics",
     "stage_run",
     "stage_seconds",
     "tracking_uri",

@@ -32,6 +32,11 @@ PARENT_RUN_ENV = "PSEARCH_PARENT_RUN_ID"
 # MLflow limits a param value to 6000 characters and a batch to 100 params.
 PARAM_VALUE_LIMIT = 6000
 PARAM_BATCH = 100
+# MLflow 3's UI opens an experiment by its kind: without this tag it guesses, and an
+# experiment without traces opens in GenAI mode. The value is the UI's "model training"
+# kind (mlflow/server/js: ExperimentKind.CUSTOM_MODEL_DEVELOPMENT, MLflow 3.17).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_EXPERIMENT_KIND = "custom_model_development"
 
 
 def tracking_uri(cfg: TrackingConfig | None = None) -> str:
@@ -106,12 +111,16 @@ def connect(params: Params) -> Any:
 
 
 def open_experiment(params: Params) -> tuple[Any, str]:
-    """connect(), then make the params' experiment (created when missing) the active one;
-    returns the client and the experiment id."""
+    """connect(), then make the params' experiment (created when missing) the active one,
+    tagged as a model-training experiment; returns the client and the experiment id."""
     import mlflow  # lazy: seconds to import; see the module docstring
 
     client = connect(params)
     experiment = mlflow.set_experiment(params.tracking.experiment)
+    if experiment.tags.get(EXPERIMENT_KIND_TAG) != TRAINING_EXPERIMENT_KIND:
+        client.set_experiment_tag(
+            experiment.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_EXPERIMENT_KIND
+        )
     return client, experiment.experiment_id
 
 

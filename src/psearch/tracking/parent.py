@@ -3,7 +3,7 @@
 A pipeline execution (`dvc repro`, a Kubeflow run) groups its stages' MLflow
 runs under one parent run. Both runners use this one abstraction: create the
 parent (tagged `psearch.stage: pipeline` and `psearch.runner`, with the params
-and provenance), find it again by a tag, give a stage that opened no run of its
+and provenance, named `runner · label` — the label defaults to the start time), find it again by a tag, give a stage that opened no run of its
 own a child run with its recorded times, learn the data version from the first
 stage that reads data, and finish the execution: the parent and any stage run a
 killed process left RUNNING end with the execution's status.
@@ -16,6 +16,7 @@ from typing import Any
 
 from psearch.config import Params
 from psearch.tracking.mlflow_runs import connect, log_params, open_experiment, provenance_tags
+from psearch.tracking.names import parent_run_name, stage_run_name
 
 PIPELINE_STAGE = "pipeline"
 DATA_VERSION_TAG = "psearch.data_version"
@@ -34,11 +35,12 @@ class ParentRun:
         params: Params,
         runner: str,
         *,
-        run_name: str = PIPELINE_STAGE,
+        label: str | None = None,
         start_ms: int | None = None,
         tags: dict[str, str] | None = None,
     ) -> ParentRun:
-        """A new RUNNING parent run in the params' experiment, with the params logged."""
+        """A new RUNNING parent run in the params' experiment, with the params logged, named
+        `runner · label` (`label` defaults to the UTC start time)."""
         client, experiment_id = open_experiment(params)
         tags = {
             "psearch.stage": PIPELINE_STAGE,
@@ -46,7 +48,8 @@ class ParentRun:
             **provenance_tags(),
             **(tags or {}),
         }
-        run = client.create_run(experiment_id, start_time=start_ms, tags=tags, run_name=run_name)
+        name = parent_run_name(runner, label, start_ms)
+        run = client.create_run(experiment_id, start_time=start_ms, tags=tags, run_name=name)
         log_params(client, run.info.run_id, params)
         return cls(client, run.info.run_id)
 
@@ -70,14 +73,18 @@ class ParentRun:
         """A finished child run for `stage`, which ran from `start_ms` to `end_ms` without
         an MLflow run of its own; returns its id."""
         parent = self.client.get_run(self.run_id)
+        version = parent.data.tags.get(DATA_VERSION_TAG, "unknown")
         tags = {
             "psearch.stage": stage,
             "mlflow.parentRunId": self.run_id,
-            DATA_VERSION_TAG: parent.data.tags.get(DATA_VERSION_TAG, "unknown"),
+            DATA_VERSION_TAG: version,
             "psearch.git_revision": parent.data.tags.get("psearch.git_revision", "unknown"),
         }
         child = self.client.create_run(
-            parent.info.experiment_id, start_time=start_ms, tags=tags, run_name=stage
+            parent.info.experiment_id,
+            start_time=start_ms,
+            tags=tags,
+            run_name=stage_run_name(stage, params, version),
         )
         log_params(self.client, child.info.run_id, params)
         self.client.set_terminated(child.info.run_id, "FINISHED", end_time=end_ms)

@@ -26,7 +26,7 @@ from psearch.config import Params, TrainLoopConfig, to_dict
 from psearch.data.loaders import num_train_identities
 from psearch.data.manifest import Manifests, read_manifests
 from psearch.models.io import save_model
-from psearch.tracking import data_version, stage_run
+from psearch.tracking import data_version, stage_metrics, stage_run
 from psearch.train import checkpoint as ckpt
 from psearch.train.distributed import DistContext, barrier, cleanup, dist_context
 from psearch.train.engine import Engine, FitResult, ForwardFn, MetricsFn, seed_everything
@@ -119,7 +119,7 @@ class TrainingStage:
                     ckpt.checkpoint_dir(out),
                     fingerprint,
                     collate_fn=self.collate_fn,
-                    log_metrics=metrics_logger(run),
+                    log_metrics=metrics_logger(run, self.name),
                     desc=self.name,
                     bn_forward=self.infer,
                     bn_batches=self.bn_batches,
@@ -164,7 +164,8 @@ def tracked_run(
     if not ctx.is_main:
         yield None
         return
-    with stage_run(stage, params, manifests, seed=seed) as run:
+    # The training split is the stage's dataset input; the machine's use is sampled.
+    with stage_run(stage, params, manifests, seed=seed, split="train", system_metrics=True) as run:
         if run is not None:
             import mlflow  # lazy: seconds to import; only a tracked run needs it
 
@@ -172,15 +173,15 @@ def tracked_run(
         yield run
 
 
-def metrics_logger(run) -> MetricsFn | None:
-    """Per-step metrics (losses, lr, images/s) into the active MLflow run."""
+def metrics_logger(run, stage: str) -> MetricsFn | None:
+    """Per-step metrics (losses, lr, images/s) into the active MLflow run, as `<stage>/<key>`."""
     if run is None:
         return None
     import mlflow  # lazy: seconds to import; only a tracked run needs it
 
     def log_metrics(metrics: dict[str, float], step: int) -> None:
         finite = {k: v for k, v in metrics.items() if math.isfinite(v)}
-        mlflow.log_metrics(finite, step=step)
+        mlflow.log_metrics(stage_metrics(stage, finite), step=step)
 
     return log_metrics
 
@@ -206,14 +207,16 @@ def write_output(
     log_model: ModelLogger | None = None,
 ) -> dict[str, Any]:
     """Write `out/<file_name>` and `out/run.json` atomically; in an MLflow run, log the
-    metrics and (with `log_model`) the model. Returns what run.json holds."""
+    metrics (as `<meta's stage>/<key>`) and (with `log_model`) the model. Returns what
+    run.json holds (its keys without the stage)."""
     info: dict[str, Any] = {"run_id": run.info.run_id if run is not None else None}
     with atomic_dir(out) as tmp:
         save_model(tmp / file_name, model, meta)
         if run is not None:
             import mlflow  # lazy: seconds to import; only a tracked run needs it
 
-            mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+            logged = {k: float(v) for k, v in metrics.items()}
+            mlflow.log_metrics(stage_metrics(meta["stage"], logged))
             if log_model is not None:
                 info["model_uri"], info["logged_model_uri"] = log_model(tmp / file_name, "model")
         info.update(extra)

@@ -244,6 +244,15 @@ async function runSearch() {
   }
 }
 
+// "cam1.mp4 @ 0:12.50" for a video frame, "image 17" for an image file.
+function placeText(match) {
+  if (match.video == null) return `image ${match.image_id}`;
+  const name = match.video.split(/[\\/]/).pop();
+  const minutes = Math.floor(match.time_s / 60);
+  const seconds = (match.time_s - minutes * 60).toFixed(2).padStart(5, "0");
+  return `${name} @ ${minutes}:${seconds} (frame ${match.frame})`;
+}
+
 function showResults(result) {
   const list = $("results");
   list.replaceChildren();
@@ -254,7 +263,7 @@ function showResults(result) {
     button.className = "match";
     button.setAttribute(
       "aria-label",
-      `rank ${match.rank}, similarity ${match.similarity.toFixed(3)}, image ${match.image_id}: open in its scene`,
+      `rank ${match.rank}, similarity ${match.similarity.toFixed(3)}, ${placeText(match)}: open in its scene`,
     );
     const crop = document.createElement("img");
     crop.src = match.crop_url;
@@ -264,7 +273,7 @@ function showResults(result) {
     meta.append(
       `#${match.rank} · sim ${match.similarity.toFixed(3)}`,
       document.createElement("br"),
-      `det ${match.score.toFixed(2)} · image ${match.image_id}`,
+      `det ${match.score.toFixed(2)} · ${placeText(match)}`,
     );
     button.append(crop, meta);
     button.addEventListener("click", () => openMatch(match));
@@ -275,7 +284,7 @@ function showResults(result) {
 
 function openMatch(match) {
   const dialog = $("viewer");
-  $("viewer-title").textContent = `Match #${match.rank} in image ${match.image_id}`;
+  $("viewer-title").textContent = `Match #${match.rank} in ${placeText(match)}`;
   const img = $("viewer-image");
   img.alt = `gallery image ${match.image_id} with the matched person boxed`;
   const overlay = $("viewer-overlay");
