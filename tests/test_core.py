@@ -37,10 +37,14 @@ def test_overrides_are_parsed_as_yaml_and_validated():
 @pytest.mark.parametrize("spelling, value", [("1e-4", 1e-4), ("5E-3", 5e-3), ("-2e1", -20.0)])
 def test_float_without_a_dot_is_a_number(tmp_path: Path, spelling: str, value: float):
     # PyYAML reads `1e-4` as a string; `--set`, dvc -S and params.yaml must all take it.
-    assert load_params(None, [f"train.lr={spelling}"]).train.lr == value
+    # (A float key without a range check: train.lr must be > 0.)
+    assert (
+        load_params(None, [f"train.loss.softmax_scale={spelling}"]).train.loss.softmax_scale
+        == value
+    )
     params_file = tmp_path / "params.yaml"
-    params_file.write_text(f"train:\n  lr: {spelling}\n")
-    assert load_params(params_file).train.lr == value
+    params_file.write_text(f"train:\n  loss:\n    softmax_scale: {spelling}\n")
+    assert load_params(params_file).train.loss.softmax_scale == value
     with pytest.raises(PsearchError, match="train.epochs: expected an integer"):
         load_params(None, [f"train.epochs={spelling}"])
 

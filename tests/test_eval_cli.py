@@ -176,7 +176,6 @@ def _bad_inputs(tiny_manifests, tiny_detections):
         "nan feature": (_set(dets, "feature", 3, nan_feature[3]), qfeats, "feature of row 3"),
         "dims differ": (dets, qfeats.set_column(1, "feature", wrong_dim), "feature size 8"),
         "missing query": (dets, qfeats.slice(1), "no feature for query_id"),
-        "empty detections": (dets.slice(0, 0), qfeats, "no detections"),
     }
 
 
@@ -189,7 +188,6 @@ def _bad_inputs(tiny_manifests, tiny_detections):
         "nan feature",
         "dims differ",
         "missing query",
-        "empty detections",
     ],
 )
 def test_bad_detections_are_one_line_errors_and_write_nothing(

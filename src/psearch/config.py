@@ -423,7 +423,12 @@ def _migrate_renamed_keys(tree: dict[str, Any], source: str) -> None:
 
 
 def load_params(path: str | Path | None = None, overrides: list[str] | None = None) -> Params:
-    """params.yaml (or `path`, or built-in defaults when neither exists) plus overrides."""
+    """params.yaml (or `path`, or built-in defaults when neither exists) plus overrides.
+
+    A file may leave out sections or keys: those keep their built-in defaults (a small file
+    for one command, `register:` alone say, is a complete params file). Each value given must
+    have its key's type and lie in its range (`check_ranges`).
+    """
     if path is None and Path(DEFAULT_PARAMS_FILE).is_file():
         path = DEFAULT_PARAMS_FILE
     tree = read_params_file(path) if path is not None else {}
@@ -432,6 +437,70 @@ def load_params(path: str | Path | None = None, overrides: list[str] | None = No
     for assignment in overrides or []:
         _apply_override(tree, assignment)
     try:
-        return build_section(Params, tree)
+        params = build_section(Params, tree)
+        check_ranges(params)
     except PsearchError as exc:
         raise PsearchError(f"{source}: {exc}") from None
+    return params
+
+
+# Values that only make sense above zero (a size, a count of steps, a learning rate) or at or
+# above it (a count that may be off, a rate that may be zero). Checked here, before any work:
+# a zero batch size or a negative lr would otherwise fail mid-run or train nothing.
+_LOOPS = ("pretrain", "train")
+_POSITIVE = (
+    *(f"{loop}.{key}" for loop in _LOOPS for key in ("batch_size", "epochs", "lr")),
+    "pretrain.crop_height",
+    "pretrain.crop_width",
+    "model.min_size",
+    "model.max_size",
+    "model.feat_dim",
+    "model.head_dim",
+    "model.roi_size",
+    "extract.batch_size",
+)
+_NOT_NEGATIVE = (
+    *(
+        f"{loop}.{key}"
+        for loop in _LOOPS
+        for key in (
+            "max_iters",
+            "warmup_iters",
+            "checkpoint_every",
+            "max_steps",
+            "num_workers",
+            "momentum",
+            "weight_decay",
+            "grad_clip",
+        )
+    ),
+    "pretrain.background_ratio",
+    "extract.num_workers",
+)
+_ENTRIES_NOT_NEGATIVE = tuple(f"{loop}.lr_steps" for loop in _LOOPS)
+_ENTRIES_POSITIVE = ("model.anchor_sizes", "model.anchor_ratios")
+
+
+def _value(params: Params, key: str) -> Any:
+    value: Any = params
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def check_ranges(params: Params) -> None:
+    """PsearchError naming the first key whose value is out of its range."""
+    for key in _POSITIVE:
+        if not _value(params, key) > 0:  # `not >` also refuses NaN
+            raise PsearchError(f"{key}: must be greater than 0, got {_value(params, key)}")
+    for key in _NOT_NEGATIVE:
+        if not _value(params, key) >= 0:
+            raise PsearchError(f"{key}: must not be negative, got {_value(params, key)}")
+    for keys, bound, test in (
+        (_ENTRIES_NOT_NEGATIVE, "not be negative", lambda v: v >= 0),
+        (_ENTRIES_POSITIVE, "be greater than 0", lambda v: v > 0),
+    ):
+        for key in keys:
+            bad = [v for v in _value(params, key) if not test(v)]
+            if bad:
+                raise PsearchError(f"{key}: every entry must {bound}, got {bad[0]}")

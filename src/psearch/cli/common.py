@@ -99,19 +99,33 @@ def print_summary(info: dict[str, Any]) -> None:
 def run_handler(
     args: argparse.Namespace, around: AbstractContextManager[Any] = nullcontext()
 ) -> int:
-    """Run the parsed command inside `around`; a PsearchError becomes one line `error: ...`
-    and its exit code (--debug or PSEARCH_DEBUG=1: the traceback instead)."""
+    """Run the parsed command inside `around`; every failure becomes one line `error: ...`
+    (--debug or PSEARCH_DEBUG=1: the traceback instead). A PsearchError (bad input) exits
+    with its code (2); an OSError (a read-only or full disk, a path through a file) names the
+    path and exits 2; anything else is a bug: "internal error", exit 1."""
     debug = args.debug or os.environ.get("PSEARCH_DEBUG") == "1"
     try:
         with around:  # an error leaves `around` by the exception, before it is reported
             result = args.func(args)
-    except PsearchError as exc:
-        if debug:
-            raise
-        message = " ".join(str(exc).split())
-        print(f"error: {message}", file=sys.stderr)
-        return exc.exit_code
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if debug:
+            raise
+        message, code = describe_failure(exc)
+        print(f"error: {' '.join(message.split())}", file=sys.stderr)
+        return code
     return int(result or 0)
+
+
+def describe_failure(exc: Exception) -> tuple[str, int]:
+    """(the one-line message, the exit code) for an exception that ended a command."""
+    if isinstance(exc, PsearchError):
+        return str(exc), exc.exit_code
+    if isinstance(exc, OSError):  # the environment, not a bug: say which path and why
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        return (f"{exc.filename}: {reason}" if exc.filename is not None else reason), 2
+    text = " ".join(str(exc).split())[:300]
+    detail = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return f"internal error ({detail}); re-run with --debug for the traceback", 1

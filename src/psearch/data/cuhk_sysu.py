@@ -15,7 +15,12 @@ import numpy as np
 
 from psearch.data import matfast
 from psearch.data import matfiles as mf
-from psearch.data.records import Gallery, ParsedDataset, low_resolution_mask
+from psearch.data.records import (
+    Gallery,
+    ParsedDataset,
+    low_resolution_mask,
+    plain_file_name,
+)
 from psearch.errors import PsearchError
 
 IMAGE_DIR = "Image/SSM"
@@ -129,6 +134,7 @@ def _read_images(path: Path):
     for i, rec in enumerate(mf.struct_elements(img, f"{path}: Img")):
         where = f"{path}: Img({i + 1})"
         name = mf.text(mf.field(rec, "imname", where), f"{where}.imname")
+        plain_file_name(name, f"{where}.imname")
         if name in seen:
             raise PsearchError(f"{path}: duplicate image name {name}")
         seen.add(name)

@@ -1,9 +1,9 @@
 """`psearch ingest`: a raw CUHK-SYSU or PRW dataset, or a table of boxes -> the manifests of docs/contract.md.
 
-The reader of the format produces a `ParsedDataset`; this module reads each
-image's size from its header, converts `[x y w h]` to `x1 y1 x2 y2`, builds the
-five Parquet tables with the contract's schemas and writes them, with
-dataset.json, into the output directory atomically.
+The reader of the format produces a `ParsedDataset`; this module decodes each
+image (its size, and proof that it is readable), converts `[x y w h]` to
+`x1 y1 x2 y2`, builds the five Parquet tables with the contract's schemas and
+writes them, with dataset.json, into the output directory atomically.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, UnidentifiedImageError
 
-from psearch.atomic import atomic_dir
+from psearch.atomic import atomic_dir, check_writable
 from psearch.data.cuhk_sysu import read_cuhk_sysu
 from psearch.data.manifest import MANIFEST_SCHEMAS, write_parquet
 from psearch.data.prw import read_prw
-from psearch.data.records import ParsedDataset
+from psearch.data.records import ParsedDataset, inside_root
 from psearch.data.table import TableOptions, read_table
 from psearch.errors import PsearchError
 
@@ -41,11 +41,13 @@ def ingest(root: Path, out: Path, fmt: str, table: TableOptions | None = None) -
         raise PsearchError(f"{root}: dataset root not found")
     if fmt == "table" and table is None:
         raise PsearchError("format table needs --annotations FILE.csv|FILE.parquet")
+    check_writable(out)  # before the annotations and every image are read
     parsed = read_table(root, table) if fmt == "table" else _read(root, fmt)
     # Hashing gigabytes of annotation files overlaps the rest (hashlib releases the GIL).
     with ThreadPoolExecutor(1) as pool:
         digest = pool.submit(content_hash, parsed.annotation_files, root)
         sizes = image_sizes(root, parsed.image_paths)
+        check_boxes_fit(parsed, sizes)
         tables = {**build_tables(parsed, sizes), **parsed.extra_tables}
         info = dataset_info(parsed, tables, digest.result())
     # Where images.path is relative to, relative to the manifests (psearch.data.loaders.dataset_root).
@@ -66,18 +68,63 @@ def _read(root: Path, fmt: str) -> ParsedDataset:
 
 
 def image_sizes(root: Path, paths: list[str]) -> np.ndarray:
-    """(n, 2) width, height from each image's header (no full decode)."""
+    """(n, 2) width, height of each image, every one decoded in full (threads: Pillow
+    releases the GIL), so a truncated or corrupt file fails here and not mid-training."""
+    for rel in paths:
+        if inside_root(rel) is None:  # the readers refuse these; this guards any new one
+            raise PsearchError(f"{root}: image path {rel!r} leads outside the dataset root")
     sizes = np.empty((len(paths), 2), dtype=np.int32)
-    for i, rel in enumerate(paths):
-        path = root / rel
-        try:
-            with Image.open(path) as img:
-                sizes[i] = img.size
-        except FileNotFoundError:
-            raise PsearchError(f"{path}: image not found") from None
-        except (UnidentifiedImageError, OSError) as exc:
-            raise PsearchError(f"{path}: not a decodable image ({type(exc).__name__})") from None
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        # map() yields in order, so the first bad image in annotation order is the one named.
+        for i, size in enumerate(pool.map(_decoded_size, (root / rel for rel in paths))):
+            sizes[i] = size
     return sizes
+
+
+def check_boxes_fit(p: ParsedDataset, sizes: np.ndarray) -> None:
+    """Every box and query box overlaps its image and is at most twice its size (a box
+    entirely outside, or 10^9 px wide, is an annotation error, not a person)."""
+    for what, image, xywh in (
+        ("box", p.box_image, p.box_xywh),
+        ("query box", p.query_image, p.query_xywh),
+    ):
+        if len(xywh) == 0:
+            continue
+        width, height = sizes[image, 0].astype(np.float64), sizes[image, 1].astype(np.float64)
+        x, y, w, h = (xywh[:, k] for k in range(4))
+        outside = (x >= width) | (y >= height) | (x + w <= 0) | (y + h <= 0)
+        too_big = (w > 2 * width) | (h > 2 * height)
+        bad = outside | too_big
+        if bad.any():
+            k = int(np.argmax(bad))
+            i = int(image[k])
+            problem = "lies outside" if outside[k] else "is more than twice the size of"
+            box = " ".join(f"{v:g}" for v in xywh[k])
+            raise PsearchError(
+                f"{p.image_paths[i]}: {what} [{box}] (x y w h) {problem} the "
+                f"{int(width[k])}x{int(height[k])} image"
+            )
+
+
+def _decoded_size(path: Path) -> tuple[int, int]:
+    try:
+        with Image.open(path) as img:
+            size = img.size
+            # A JPEG decodes at 1/8 scale: its whole compressed stream is still read (so a
+            # truncated one fails), at half the cost of full size. Other formats ignore this.
+            img.draft(None, (max(1, size[0] // 8), max(1, size[1] // 8)))
+            img.load()
+    except FileNotFoundError:
+        raise PsearchError(f"{path}: image not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise PsearchError(f"{path}: not a decodable image ({_reason(exc)})") from None
+    return size
+
+
+def _reason(exc: Exception) -> str:
+    """Why Pillow could not decode a file (its own message repeats the path: left out)."""
+    text = "" if isinstance(exc, UnidentifiedImageError) else " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:120]}" if text else type(exc).__name__
 
 
 def _corners(xywh: np.ndarray) -> list[pa.Array]:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from psearch.data import matfiles as mf
-from psearch.data.records import Gallery, ParsedDataset
+from psearch.data.records import Gallery, ParsedDataset, plain_file_name
 from psearch.errors import PsearchError
 
 BOX_VARIABLES = ("box_new", "anno_file", "anno_previous")
@@ -100,6 +100,8 @@ def read_prw(root: Path) -> ParsedDataset:
 def _frame_list(path: Path, var: str) -> list[str]:
     _, value = mf.load_variable(path, var)
     names = mf.strings(value, f"{path}: {var}")
+    for i, name in enumerate(names):  # a frame name becomes an image and an annotation path
+        plain_file_name(name, f"{path}: {var}({i + 1})")
     return [n[:-4] if n.lower().endswith(".jpg") else n for n in names]
 
 

@@ -8,11 +8,14 @@ entries.
 
 from __future__ import annotations
 
+import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from psearch.errors import PsearchError
 
 
 @dataclass
@@ -59,3 +62,25 @@ def low_resolution_mask(heights: np.ndarray) -> np.ndarray:
     mask = np.zeros(len(heights), dtype=bool)
     mask[order[:count]] = True
     return mask
+
+
+def inside_root(raw: str) -> str | None:
+    """`raw`, a path relative to the dataset root (`/` or `\\` separated), normalised; None
+    when it is absolute or climbs out of the root (`../x.jpg`, `a/../../x.jpg`).
+
+    Annotation files are not trusted, so no path they name may reach outside the dataset.
+    The check is on the name, not the resolved file: a symlink the dataset's owner put
+    inside the root (an image directory on another disk, say) is followed deliberately.
+    """
+    path = posixpath.normpath(raw.replace("\\", "/"))
+    if not raw or "\0" in raw or posixpath.isabs(path) or path in (".", ".."):
+        return None
+    return None if path.startswith("../") else path
+
+
+def plain_file_name(name: str, where: str) -> str:
+    """`name` when it is a bare file name; else a one-line error naming the annotation entry
+    `where` (a directory part in an image name could lead outside the dataset root)."""
+    if inside_root(name) != name or "/" in name or "\\" in name:
+        raise PsearchError(f"{where}: {name!r} is not a file name inside the dataset root")
+    return name

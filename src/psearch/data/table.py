@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from psearch.data.records import Gallery, ParsedDataset, low_resolution_mask
+from psearch.data.records import Gallery, ParsedDataset, inside_root, low_resolution_mask
 from psearch.errors import PsearchError
 
 BOX_COLUMNS = {"xyxy": ("x1", "y1", "x2", "y2"), "xywh": ("x", "y", "w", "h")}
@@ -162,11 +162,11 @@ def read_table_file(path: Path) -> _Table:
     return _Table(path, columns, table.num_rows)
 
 
-def inside_root(table: _Table, row: int) -> str:
+def row_image_path(table: _Table, row: int) -> str:
     """The row's image path, normalised, refused when absolute or leaving the root."""
     raw = table.text("image", row)
-    path = posixpath.normpath(raw.replace("\\", "/"))
-    if posixpath.isabs(path) or path == ".." or path.startswith("../") or path == ".":
+    path = inside_root(raw)
+    if path is None:
         raise table.fail(row, "image", f"{raw!r} is not a path inside the dataset root")
     return path
 
@@ -185,7 +185,7 @@ class _Images:
 
     def add(self, row: int) -> int:
         t = self.table
-        path = inside_root(t, row)
+        path = row_image_path(t, row)
         split = t.text("split", row)
         if split not in SPLITS:
             raise t.fail(row, "split", f"{split!r} is not one of {', '.join(SPLITS)}")
@@ -358,7 +358,7 @@ def _given_queries(options: TableOptions, images: _Images, boxes: _Boxes, pid) -
     table.require(("image", "person_id"))
     person, image, xywh, occluded, low = [], [], [], [], []
     for row in range(table.rows):
-        path = inside_root(table, row)
+        path = row_image_path(table, row)
         if path not in images.index:
             raise table.fail(row, "image", f"{path} is not in {options.annotations}")
         i = images.index[path]

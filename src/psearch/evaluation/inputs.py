@@ -2,8 +2,9 @@
 
 Everything the evaluator needs is turned into dense arrays once, here, so the
 scoring code can stay free of lookups. Bad input (unknown or non-test image
-ids, NaN/inf values, a missing query, mismatched feature sizes, an empty
-detections file) is a one-line `PsearchError` naming the file and value.
+ids, NaN/inf values, a missing query, mismatched feature sizes) is a one-line
+`PsearchError` naming the file and value. An empty detections file is not an error: a
+model that finds nobody scores zero (with a warning).
 """
 
 from __future__ import annotations
@@ -239,8 +240,8 @@ def build_eval_data(
     names = [n for n, t in zip(images.column("image_name").to_pylist(), test, strict=True) if t]
     if len(image_ids) == 0:
         raise PsearchError(f"{manifests.root}/images.parquet: no test images")
-    if len(dets) == 0:
-        raise PsearchError(f"{det_path}: no detections (the file is empty)")
+    if len(dets) == 0:  # a weak model scores zero; it does not break the pipeline
+        print(f"warning: {det_path}: no detections; every metric is 0", file=sys.stderr)
     det_dim, query_dim = feature_dim(dets, det_path), feature_dim(query_feats, query_path)
     if det_dim != query_dim:
         raise PsearchError(

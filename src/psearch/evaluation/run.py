@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from psearch.atomic import atomic_dir
+from psearch.atomic import atomic_dir, check_writable
 from psearch.config import EvaluateConfig
 from psearch.data.manifest import GALLERY_DETECTIONS, QUERY_FEATURES, read_manifests
 from psearch.errors import PsearchError
@@ -179,6 +179,7 @@ def evaluate(manifests: Path, detections: Path, out: Path, cfg: EvaluateConfig) 
     data = build_eval_data(
         tables, dets, query_feats, detections / GALLERY_DETECTIONS, detections / QUERY_FEATURES
     )
+    check_writable(out)  # the inputs are sound: fail on the output before scoring
 
     scorer, protocols, scores = score_search(data, tables.galleries, cfg, sizes, present)
     det, pr = detection_metrics(data, cfg.det_eval_thresh)

@@ -27,6 +27,7 @@ from torchvision import models
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from psearch.errors import PsearchError
+from psearch.tensorfile import load_tensor_file
 
 # Feature stride of every trunk (the RoI pooling scale is 1 / TRUNK_STRIDE).
 TRUNK_STRIDE = 16
@@ -87,10 +88,7 @@ def _torchvision_model(
     if source is None:
         return model
     if Path(source).is_file():
-        try:
-            state = torch.load(source, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise PsearchError(f"{source}: cannot read backbone weights ({exc})") from None
+        state = load_tensor_file(source, "backbone weights file")
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
     else:

@@ -26,6 +26,7 @@ from psearch.atomic import atomic_file
 from psearch.errors import PsearchError
 from psearch.models.idnet import IDNet, build_idnet
 from psearch.models.joint import JointNet, build_joint_net
+from psearch.tensorfile import load_tensor_file
 
 JOINT_FORMAT = "psearch-joint/1"
 IDNET_FORMAT = "psearch-idnet/1"
@@ -121,9 +122,8 @@ def load_model(
     path = resolve_model_file(Path(path))
     name = source or str(path)
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many kinds for a corrupt or foreign file
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PsearchError(f"{name}: not a readable psearch model file ({first[:200]})") from None
+        checkpoint = load_tensor_file(path, "psearch model file")
+    except PsearchError as exc:  # name the model as the caller knows it (a registry URI, say)
+        raise PsearchError(f"{name}: {str(exc).removeprefix(f'{path}: ')}") from None
     model = model_from_checkpoint(checkpoint, source=name)
     return model.to(device), dict(checkpoint.get("meta") or {})

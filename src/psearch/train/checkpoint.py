@@ -19,6 +19,8 @@ import numpy as np
 import torch
 
 from psearch.atomic import atomic_file
+from psearch.errors import PsearchError
+from psearch.tensorfile import load_tensor_file
 
 CKPT_SUFFIX = ".ckpt"
 _NAME = re.compile(r"^step-(\d+)\.pt$")
@@ -54,10 +56,24 @@ def fingerprint(stage: str, sections: dict[str, Any], data_version: str, extra: 
 
 
 def rng_state() -> dict[str, Any]:
+    """Every RNG's state as tensors and plain values, which `weights_only` loading accepts
+    (numpy's state tuple holds an array and python's a tuple of ints: both become tensors)."""
+    bit_generator, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
+        "numpy": {
+            "bit_generator": str(bit_generator),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "python": {
+            "version": int(version),
+            "internal": torch.tensor(internal, dtype=torch.int64),
+            "gauss_next": gauss_next,
+        },
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -65,9 +81,20 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` recorded."""
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    saved = state["numpy"]
+    np.random.set_state(
+        (
+            saved["bit_generator"],
+            saved["keys"].numpy().astype(np.uint32),
+            saved["pos"],
+            saved["has_gauss"],
+            saved["cached_gaussian"],
+        )
+    )
+    saved = state["python"]
+    random.setstate((saved["version"], tuple(saved["internal"].tolist()), saved["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -80,11 +107,20 @@ def latest_checkpoint(directory: Path) -> Path | None:
 
 
 def save_checkpoint(directory: Path, step: int, state: dict[str, Any], keep: int = 1) -> Path:
-    """Write `step-<N>.pt` atomically, then drop all but the newest `keep` checkpoints."""
+    """Write `step-<N>.pt` atomically, then drop all but the newest `keep` checkpoints.
+
+    A failed write (a full disk) leaves the previous checkpoint as it was, and no empty
+    directory where there was none."""
+    created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"step-{step:08d}.pt"
-    with atomic_file(path) as tmp:
-        torch.save(state, tmp)
+    try:
+        with atomic_file(path) as tmp:
+            torch.save(state, tmp)
+    except BaseException:
+        if created and not any(directory.iterdir()):
+            directory.rmdir()
+        raise
     older = sorted(p for p in directory.iterdir() if _NAME.match(p.name) and p != path)
     for old in older[: max(0, len(older) - keep + 1)]:
         old.unlink(missing_ok=True)
@@ -92,5 +128,9 @@ def save_checkpoint(directory: Path, step: int, state: dict[str, Any], keep: int
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    # Our own files: they hold numpy/python RNG states, which weights_only refuses.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """The checkpoint's contents; PsearchError for a corrupt or foreign file, or one that
+    would run code (a checkpoint directory may be shared, so its files are not trusted)."""
+    state = load_tensor_file(path, "checkpoint")
+    if not isinstance(state, dict):
+        raise PsearchError(f"{path}: not a psearch checkpoint (no mapping at the top level)")
+    return state

@@ -166,6 +166,7 @@ class Engine:
         self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
         self.step = 0
         self.resumed_from = 0
+        self.meter = _Meter()
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -180,6 +181,9 @@ class Engine:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": rngs,
+            # The running means, so run.json's final metrics after a resume are those of an
+            # uninterrupted run (rank 0's, which is the one that reports them).
+            "meter": self.meter.state_dict(),
         }
 
     def save(self) -> None:
@@ -195,8 +199,8 @@ class Engine:
             return False
         try:
             state = ckpt.load_checkpoint(path)
-        except Exception as exc:  # a truncated file from a disk-full kill, say
-            warnings.warn(f"{path}: unreadable checkpoint ({exc}); starting fresh", stacklevel=2)
+        except PsearchError as exc:  # truncated by a full disk, say, or planted to run code
+            warnings.warn(f"{exc}; starting fresh", stacklevel=2)
             return False
         if state.get("fingerprint") != self.fingerprint:
             warnings.warn(
@@ -216,6 +220,7 @@ class Engine:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         ckpt.set_rng_state(state["rng"][self.ctx.rank])
+        self.meter.load_state_dict(state.get("meter") or {})
         self.step = self.resumed_from = int(state["step"])
         return True
 
@@ -329,11 +334,11 @@ class Engine:
         # The training stream (RoI sampling, RSS classes, dropout) differs per rank; a
         # checkpoint's RNG states replace it on resume.
         seed_everything(self.cfg.seed + 1000 * self.ctx.rank + 1)
+        meter = self.meter = _Meter()
         if resume:
             self.try_resume()
         self._wrap_for_ddp()
         self.model.train()
-        meter = _Meter()
         bar = tqdm(
             total=self.total_steps,
             initial=self.step,
@@ -343,10 +348,12 @@ class Engine:
             mininterval=1.0,
         )
         epoch, position = divmod(self.step, self.steps_per_epoch)
-        while self.step < self.total_steps:
-            self._train_epoch(epoch, position, meter, bar)
-            epoch, position = epoch + 1, 0
-        bar.close()
+        try:
+            while self.step < self.total_steps:
+                self._train_epoch(epoch, position, meter, bar)
+                epoch, position = epoch + 1, 0
+        finally:  # end the bar's line before any error is printed after it
+            bar.close()
         self.recalibrate_batch_norm()
         seconds = time.perf_counter() - meter.started
         self._check_replicas_agree()
@@ -377,7 +384,8 @@ class Engine:
             collate_fn=self.collate_fn,
             pin_memory=self.device.type == "cuda",
         )
-        meter.new_epoch()
+        if position == 0:  # a resumed epoch keeps the means of its steps before the stop
+            meter.new_epoch()
         for batch in loader:
             values, images = self._train_step(batch)
             self.step += 1
@@ -424,6 +432,22 @@ class _Meter:
         for key, value in values.items():
             self.window[key].append(value)
             self.epoch[key].append(value)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The epoch's and the log window's values so far, as tensors (for a checkpoint)."""
+        return {
+            "epoch": {k: torch.tensor(v, dtype=torch.float64) for k, v in self.epoch.items()},
+            "window": {k: torch.tensor(v, dtype=torch.float64) for k, v in self.window.items()},
+            "window_images": self.window_images,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name in ("epoch", "window"):
+            values = getattr(self, name)
+            values.clear()
+            for key, tensor in state.get(name, {}).items():
+                values[key] = tensor.tolist()
+        self.window_images = int(state.get("window_images", 0))
 
     def window_means(self) -> dict[str, float]:
         return {k: sum(v) / len(v) for k, v in self.window.items()}

@@ -21,6 +21,7 @@ from psearch.data.manifest import Manifests
 from psearch.errors import PsearchError
 from psearch.models.idnet import transfer_idnet_weights
 from psearch.models.joint import JointNet, build_joint_net
+from psearch.tensorfile import load_tensor_file
 from psearch.train.anchor_check import manifest_coverage
 from psearch.train.pretrain import IDNET_FILE, was_skipped
 from psearch.train.runner import TrainingStage
@@ -157,8 +158,4 @@ def file_digest(path: Path) -> str:
 
 
 def load_idnet_state(path: Path) -> dict[str, Any]:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many kinds for a corrupt or foreign file
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PsearchError(f"{path}: not a readable IDNet file ({first[:200]})") from None
+    return load_tensor_file(path, "IDNet file")

@@ -21,7 +21,7 @@ from typing import Any
 from torch import nn
 from torch.utils.data import Dataset
 
-from psearch.atomic import atomic_dir
+from psearch.atomic import atomic_dir, check_writable
 from psearch.config import Params, TrainLoopConfig, to_dict
 from psearch.data.loaders import num_train_identities
 from psearch.data.manifest import Manifests, read_manifests
@@ -99,6 +99,7 @@ class TrainingStage:
         `checkpoint_dir` None: OUT.ckpt/ (a durable place of the caller's otherwise)."""
         ctx = dist_context()
         tables = read_manifests(manifests)
+        check_writable(out)  # and so its checkpoint directory beside it: fail before training
         num_classes = num_train_identities(tables)
         dataset = self.build_dataset(tables, num_classes)
         if ctx.is_main:
