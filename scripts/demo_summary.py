@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sqlite3
 import tempfile
 from pathlib import Path
 
@@ -109,9 +110,25 @@ def summary(root: Path, elapsed: float | None, seed: int) -> list[str]:
         "",
         "plots: runs/eval/plots/{gallery_size,cmc,detection_pr}.png "
         "(or `dvc plots show` -> dvc_plots/index.html)",
-        "MLflow UI: mlflow ui --backend-store-uri sqlite:///mlflow.db   (then http://127.0.0.1:5000)",
+        "MLflow UI: mlflow ui --backend-store-uri sqlite:///mlflow.db, then open",
+        f"  {training_runs_url(root / 'mlflow.db')}",
+        "  (the training-runs table: MLflow 3's UI opens experiments in its GenAI view unless",
+        "  the link asks for workflowType=machine_learning; it ignores the experiment's kind tag)",
     ]
     return lines
+
+
+def training_runs_url(store: Path, experiment: str = "person-search") -> str:
+    """The MLflow UI's runs table of `experiment` in the model-training view (sqlite store read
+    with the standard library: no mlflow import for a summary)."""
+    experiment_id = "1"
+    if store.is_file():
+        with sqlite3.connect(f"file:{store}?mode=ro", uri=True) as db:
+            row = db.execute(
+                "SELECT experiment_id FROM experiments WHERE name = ?", (experiment,)
+            ).fetchone()
+        experiment_id = str(row[0]) if row else experiment_id
+    return f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 def main() -> None:
