@@ -69,9 +69,24 @@ def stage_params(params_json: str, pipeline_run_id: str = "") -> Params:
         params = build_section(Params, tree)
     except PsearchError as exc:
         raise PsearchError(f"pipeline parameter params_json: {exc}") from None
+    check_tracking_uri(params)
     if pipeline_run_id:
         os.environ[PARENT_RUN_ENV] = pipeline_run_id
     return params
+
+
+def check_tracking_uri(params: Params) -> None:
+    """In the cluster the Secret's MLFLOW_TRACKING_URI names the tracking server, and its
+    credentials (MLFLOW_TRACKING_USERNAME / PASSWORD / TOKEN) are for that server: a params
+    file naming another one would send them there, so it is refused."""
+    secret_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    asked = params.tracking.tracking_uri
+    if secret_uri and asked and asked != secret_uri:
+        raise PsearchError(
+            f"tracking.tracking_uri: {asked!r} differs from the MLFLOW_TRACKING_URI this task "
+            "was given (the cluster's Secret); remove it from the params, the Secret's server "
+            "is the one its credentials are for"
+        )
 
 
 def open_pipeline_run(params: Params, kfp_run_id: str, kfp_run_name: str) -> str:

@@ -175,6 +175,19 @@ def test_stage_params_and_helpers_name_what_is_wrong(tmp_path):
         shard_parts([tmp_path / "a", tmp_path / "b"])
 
 
+def test_a_task_refuses_params_that_would_send_the_secrets_credentials_elsewhere(monkeypatch):
+    # In the cluster the Secret sets MLFLOW_TRACKING_URI (and the credentials for it).
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://mlflow.internal")
+    other = json.dumps({"tracking": {"tracking_uri": "https://attacker.example"}})
+    with pytest.raises(PsearchError, match="tracking.tracking_uri: 'https://attacker.example'"):
+        stage_params(other)
+    same = json.dumps({"tracking": {"tracking_uri": "https://mlflow.internal"}})
+    assert stage_params(same).tracking.tracking_uri == "https://mlflow.internal"
+    assert stage_params("{}").tracking.tracking_uri is None  # the Secret's server, by default
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert stage_params(other).tracking.tracking_uri == "https://attacker.example"  # no Secret
+
+
 def test_run_local_builds_the_dag_without_task_retries(tmp_path, monkeypatch):
     """kfp.local waits out a retry's backoff (300 s, then 600 s for training): a failed local
     run would hang for 15 minutes before saying anything."""
