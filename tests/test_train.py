@@ -220,6 +220,24 @@ def test_resume_with_changed_settings_starts_fresh(tiny_manifests, tmp_path):
     assert info["resumed_from_step"] == 0
 
 
+def test_a_checkpoint_of_other_training_code_is_not_resumed(tiny_manifests, tmp_path, monkeypatch):
+    # Same settings and data, other code (an upgrade between a kill and --resume): resuming
+    # could not end where an uninterrupted run of this code ends, so it starts fresh.
+    from psearch import stages
+    from psearch.train import checkpoint
+
+    out, params = (
+        tmp_path / "idnet",
+        fast_params("pretrain.max_steps=2", "pretrain.checkpoint_every=2"),
+    )
+    stages.pretrain(tiny_manifests, out, params)
+    assert stages.pretrain(tiny_manifests, out, params, resume=True)["resumed_from_step"] == 2
+    monkeypatch.setattr(checkpoint, "code_version", lambda: "another-version")
+    with pytest.warns(UserWarning, match="other settings"):
+        info = stages.pretrain(tiny_manifests, out, params, resume=True)
+    assert info["resumed_from_step"] == 0
+
+
 @pytest.mark.slow
 def test_a_failed_run_leaves_no_output_but_its_checkpoint(tiny_manifests, tmp_path, monkeypatch):
     from psearch import stages

@@ -41,14 +41,37 @@ def checkpoint_dir(out: Path) -> Path:
     return out.with_name(out.name + CKPT_SUFFIX)
 
 
+# The code that shapes a training trajectory: a checkpoint made by other code is not resumed
+# (it could not end where an uninterrupted run of this code ends).
+TRAJECTORY_CODE = ("data", "models", "train", "imaging.py")
+
+
+def code_version() -> str:
+    """A hash of psearch's training code (TRAJECTORY_CODE), read from the installed package."""
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for part in TRAJECTORY_CODE:
+        files = sorted((root / part).rglob("*.py")) if (root / part).is_dir() else [root / part]
+        for path in files:
+            digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def fingerprint(stage: str, sections: dict[str, Any], data_version: str, extra: str = "") -> str:
-    """A short hash of the stage's settings (NEUTRAL_KEYS removed) and the data version."""
+    """A short hash of the stage's settings (NEUTRAL_KEYS removed), the data version and the
+    training code's version."""
     cleaned = {
         name: {k: v for k, v in section.items() if k not in NEUTRAL_KEYS}
         for name, section in sections.items()
     }
     blob = json.dumps(
-        {"stage": stage, "params": cleaned, "data": data_version, "extra": extra},
+        {
+            "stage": stage,
+            "params": cleaned,
+            "data": data_version,
+            "extra": extra,
+            "code": code_version(),
+        },
         sort_keys=True,
         default=str,
     )

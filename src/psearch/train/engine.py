@@ -204,7 +204,7 @@ class Engine:
             return False
         if state.get("fingerprint") != self.fingerprint:
             warnings.warn(
-                f"{path}: checkpoint was made with other settings or data; starting fresh",
+                f"{path}: checkpoint was made with other settings, data or training code; starting fresh",
                 stacklevel=2,
             )
             return False
