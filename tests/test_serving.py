@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import mlflow
@@ -27,7 +28,13 @@ from psearch.inference.loading import fetch_model
 from psearch.models.idnet import build_idnet
 from psearch.models.io import save_model
 from psearch.models.joint import JointNet
-from psearch.serving.pyfunc import SIGNATURE, PersonSearchModel, example_input, log_model
+from psearch.serving.pyfunc import (
+    MODEL_CODE,
+    SIGNATURE,
+    PersonSearchModel,
+    example_input,
+    log_model,
+)
 
 
 @pytest.fixture(scope="module")
@@ -155,3 +162,41 @@ def test_pyfunc_wrapper_of_an_idnet_answers_query_rows(tmp_path):
         wrapper.predict(None, pd.DataFrame({"path": [str(tmp_path / "frame.png")]}))
     with pytest.raises(PsearchError, match="'path' column"):
         wrapper.predict(None, pd.DataFrame({"image": ["x"]}))
+
+
+def test_the_logged_pyfunc_is_code_not_a_pickle(tmp_path, monkeypatch):
+    """The pyfunc is logged as MLflow "models from code": its artifacts hold the code file
+    and the checkpoint, no pickled object, and it loads and predicts with MLflow's pickle
+    deserialisation switched off (which refuses a cloudpickled python_model)."""
+    monkeypatch.chdir(tmp_path)  # the default artifact root is relative to the working dir
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    mlflow.set_experiment("models-from-code")
+    idnet = _responsive_idnet()
+    path = save_model(tmp_path / "idnet.pt", idnet, {"crop_height": 64, "crop_width": 32})
+    image = torch.zeros(3, 80, 60, dtype=torch.uint8)
+    image[:, 10:70, 20:40] = 200
+    write_png(image, str(tmp_path / "frame.png"))
+    frame = pd.DataFrame({"path": [str(tmp_path / "frame.png")], "x1": [20.0], "y1": [10.0]})
+    frame = frame.assign(x2=[40.0], y2=[70.0])
+    with mlflow.start_run():
+        uri, logged_uri = log_model(path, example=frame)
+    local = Path(mlflow.artifacts.download_artifacts(logged_uri, dst_path=str(tmp_path / "dl")))
+    files = {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()}
+    assert not [f for f in files if f.endswith((".pkl", ".pickle", ".cloudpickle"))], files
+    assert {"MLmodel", "pyfunc_model.py", "artifacts/idnet.pt"} <= files
+    flavor = mlflow.models.Model.load(local).flavors["python_function"]
+    assert Path(flavor["model_code_path"]).name == "pyfunc_model.py"
+    assert "python_model" not in flavor  # where MLflow names a pickled python_model
+    # The code file is the package's own (SECURITY.md tells consumers to compare them), and
+    # the environment installs psearch, whose class it names.
+    assert (local / "pyfunc_model.py").read_bytes() == MODEL_CODE.read_bytes()
+    requirements = (local / "requirements.txt").read_text().splitlines()
+    assert any(line.startswith("psearch") for line in requirements)
+
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    with torch.no_grad():
+        expected = idnet.features(cut_crops(image, [[20.0, 10.0, 40.0, 70.0]], (64, 32), 1.5))[0]
+    for model_uri in (uri, logged_uri):
+        result = mlflow.pyfunc.load_model(model_uri).predict(frame)
+        got = torch.tensor(result["feature"][0])
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

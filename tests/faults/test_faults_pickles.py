@@ -94,11 +94,16 @@ def test_an_unreadable_model_names_no_unsafe_workaround(tiny_manifests, tmp_path
 
 def test_a_planted_registry_artifact_is_refused(tiny_manifests, tmp_path, marker, capsys):
     """A downloaded MLflow model directory (what `--model runs:/...` or `models:/...` fetches):
-    psearch reads only its artifacts/model.pt, with weights_only, and never the pyfunc's
-    python_model.pkl; both are planted here."""
+    psearch reads only its artifacts/model.pt, with weights_only. It never runs the pyfunc's
+    code file (pyfunc_model.py: psearch logs its pyfunc as MLflow "models from code") nor
+    unpickles a python_model.pkl (what MLflow writes for a pickled python_model, as a
+    hostile or older artifact may hold); all three are planted here."""
     model_dir = tmp_path / "downloaded" / "model"
     (model_dir / "MLmodel").parent.mkdir(parents=True)
-    (model_dir / "MLmodel").write_text("flavors:\n  python_function: {}\n")
+    (model_dir / "MLmodel").write_text(
+        "flavors:\n  python_function:\n    model_code_path: pyfunc_model.py\n"
+    )
+    (model_dir / "pyfunc_model.py").write_text(f"open({str(marker)!r}, 'w')\n")
     with open(model_dir / "python_model.pkl", "wb") as handle:
         pickle.dump(RunsCode(marker), handle)
     plant_pickle(model_dir / "artifacts" / "model.pt", marker)

@@ -2,7 +2,9 @@
 
 ``log_model`` logs a model file to the active run as a ``pyfunc`` model wrapping the file
 itself, so both ``psearch.inference.loading.fetch_model("runs:/<id>/model")`` and
-``mlflow.pyfunc.load_model(...)`` work. It carries a signature (SIGNATURE: the table
+``mlflow.pyfunc.load_model(...)`` work. The pyfunc is logged as MLflow 3 "models from code"
+(MODEL_CODE, a file of this package), so the logged model holds no pickled Python object and
+loading it unpickles nothing. It carries a signature (SIGNATURE: the table
 below, in and out) and, given the manifests it was trained on, an input example: one of
 their test images, whole and with one of its boxes (``example_input``) — MLflow runs the
 logged model on it once, so a model that cannot answer its own example warns at logging.
@@ -37,6 +39,9 @@ from psearch.imaging import cut_crops
 from psearch.models.idnet import IDNet
 from psearch.models.io import load_model
 
+# The pyfunc's code file (see its docstring): MLflow runs it at load time instead of
+# unpickling a PersonSearchModel.
+MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
 BOX_COLUMNS = ["x1", "y1", "x2", "y2"]
 OUTPUT_COLUMNS = ["path", *BOX_COLUMNS, "score", "feature"]
 # IDNet crops when the checkpoint's meta does not say (older IDNet files).
@@ -173,7 +178,7 @@ def log_model(
         raise RuntimeError("log_model needs an active MLflow run (mlflow.start_run)")
     logged = mlflow.pyfunc.log_model(
         name=name,
-        python_model=PersonSearchModel(),
+        python_model=str(MODEL_CODE),
         artifacts={"checkpoint": str(model_file)},
         pip_requirements=pip_requirements(),
         signature=SIGNATURE,
