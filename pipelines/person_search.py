@@ -160,27 +160,22 @@ def build_pipeline(default_params: str, settings: PipelineSettings, with_pretrai
             _configure(ingest, "ingest", settings, cache=True, tracked=False, dataset=True)
             manifests = ingest.outputs["manifests"]
 
+            # What both training tasks take: checkpoints under <root>/<KFP run id>/<stage>.
+            training = {
+                "manifests": manifests,
+                "params_json": params_json,
+                "pipeline_run_id": run_id,
+                "checkpoint_root": settings.checkpoint_root(),
+                "kfp_run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+            }
             init = {}
             if with_pretrain:
-                pretrain = c.pretrain(
-                    manifests=manifests,
-                    params_json=params_json,
-                    pipeline_run_id=run_id,
-                    checkpoint_root=settings.checkpoint_root(),
-                    kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-                )
+                pretrain = c.pretrain(**training)
                 _configure(pretrain, "pretrain", settings, cache=False, dataset=True)
                 _training(pretrain, settings)
                 init["idnet"] = pretrain.outputs["idnet"]
 
-            train = c.train(
-                manifests=manifests,
-                params_json=params_json,
-                pipeline_run_id=run_id,
-                checkpoint_root=settings.checkpoint_root(),
-                kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-                **init,
-            )
+            train = c.train(**training, **init)
             # Training is never cached: each run is a new model and a new MLflow run.
             _configure(train, "train", settings, cache=False, dataset=True)
             _training(train, settings)
