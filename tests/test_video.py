@@ -230,3 +230,30 @@ def test_bad_input_is_one_line_and_writes_nothing(
     assert err.startswith("error: ") and "\n" not in err and fragment in err, err
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".dets")] == []
+
+
+def test_a_query_taken_from_a_frame_of_footage(
+    video_dets, footage, random_models, tmp_path, capsys
+):
+    """--query VIDEO --query-time S: the person is cut from that frame (the same ranking as a
+    still of the decoded frame), and the result names the frame."""
+    sets = [item for override in INFERENCE_OVERRIDES for item in ("--set", override)]
+    box = ",".join(str(v) for v in PLANTED_BOX)
+    common = ["--model", str(random_models["joint"]), "--box", box, "--gallery", str(video_dets)]
+    common += ["--det-thresh", "0", "--format", "json", *sets]
+    at = 5 / FPS  # frame 5
+    still = tmp_path / "frame5.png"
+    Image.fromarray(read_frame(footage["video"], 5, at)).save(still)
+    assert main(["search", "--query", str(footage["video"]), "--query-time", str(at), *common]) == 0
+    from_video = json.loads(capsys.readouterr().out)
+    assert main(["search", "--query", str(still), *common]) == 0
+    from_still = json.loads(capsys.readouterr().out)
+    assert from_video["query"] == frame_ref(footage["video"], at)
+    assert [m["frame"] for m in from_video["matches"]] == [
+        m["frame"] for m in from_still["matches"]
+    ]
+    # A video without a time, or a time past its end: one line, exit 2.
+    for extra, fragment in (([], "needs --query-time"), (["--query-time", "99"], "no frame at")):
+        assert main(["search", "--query", str(footage["video"]), *extra, *common]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err and fragment in err, err

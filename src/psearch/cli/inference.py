@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 
 from psearch.cli.common import (
@@ -22,6 +23,7 @@ from psearch.errors import PsearchError
 from psearch.inference.report import report
 from psearch.inference.search import format_result, parse_box, search
 from psearch.inference.shards import parse_shard
+from psearch.inference.video import VIDEO_SUFFIXES, frame_ref, query_still
 
 # Frames sampled per second of video by default: people stay in view for seconds.
 EVERY_SECONDS = 1.0
@@ -111,7 +113,17 @@ def _add_extract(subparsers, common: argparse.ArgumentParser) -> None:
 def _add_search(subparsers, common: argparse.ArgumentParser) -> None:
     p = add_command(subparsers, common, "search", _search)
     p.add_argument("--model", required=True, metavar="MODEL", help="joint model (as extract)")
-    p.add_argument("--query", required=True, metavar="IMAGE", help="image holding the person")
+    p.add_argument(
+        "--query", required=True, metavar="IMAGE", help="image (or video) holding the person"
+    )
+    p.add_argument(
+        "--query-time",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="--query is a video: take the person from its frame at this time (--box is in "
+        "that frame's pixels)",
+    )
     p.add_argument("--box", required=True, metavar="X,Y,W,H", help="the person's box, pixels")
     p.add_argument(
         "--gallery",
@@ -246,12 +258,25 @@ def _search(args: argparse.Namespace) -> int:
     gallery (a folder of images, detected now, or an extraction directory, read from its
     gallery_detections.parquet) by similarity. Each gallery image counts once, by its best
     detection. Over a video extraction (psearch extract --video) each match also gives its
-    video, frame index and time, and --out clip.mp4 shows the matched frames as a clip.
+    video, frame index and time, and --out clip.mp4 shows the matched frames as a clip. The query
+    can come from footage too: --query VIDEO --query-time SECONDS takes that frame.
     """
     params = load_params_from_args(args)
-    result = search(
+    query = Path(args.query)
+    with tempfile.TemporaryDirectory(prefix="psearch-query-") as scratch:
+        if args.query_time is not None or query.suffix.lower() in VIDEO_SUFFIXES:
+            query = query_still(query, args.query_time, Path(scratch))
+        result = _run_search(args, params, query)
+    if query != Path(args.query):  # a frame of a video: say which
+        result["query"] = frame_ref(args.query, args.query_time)
+    print(format_result(result, args.format), end="")
+    return 0
+
+
+def _run_search(args: argparse.Namespace, params, query: Path) -> dict:
+    return search(
         model=args.model,
-        query=Path(args.query),
+        query=query,
         box=parse_box(args.box),
         gallery=Path(args.gallery) if args.gallery else None,
         params=params,
@@ -262,5 +287,3 @@ def _search(args: argparse.Namespace) -> int:
         index=Path(args.index) if args.index else None,
         cbgm=args.cbgm,
     )
-    print(format_result(result, args.format), end="")
-    return 0

@@ -20,6 +20,7 @@ import av
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from PIL import Image
 
 from psearch.errors import PsearchError
 
@@ -165,6 +166,24 @@ def read_frame(video: str | Path, frame_index: int, time_s: float) -> np.ndarray
     finally:
         container.close()
     raise PsearchError(f"{video}: no frame at {time_s:.3f} s (frame {frame_index})")
+
+
+def query_still(video: Path, time_s: float | None, directory: Path) -> Path:
+    """The frame of `video` at `time_s` seconds saved as a PNG in `directory`: a query person
+    taken from footage (psearch search --query VIDEO --query-time S)."""
+    video = Path(video)
+    if video.suffix.lower() not in VIDEO_SUFFIXES:
+        raise PsearchError(f"--query-time: {video} is not a video ({', '.join(VIDEO_SUFFIXES)})")
+    if time_s is None:
+        raise PsearchError(f"--query {video}: a video needs --query-time SECONDS (which frame)")
+    if not math.isfinite(time_s) or time_s < 0:
+        raise PsearchError(f"--query-time {time_s}: expected seconds >= 0")
+    if not video.is_file():
+        raise PsearchError(f"{video}: video not found")
+    pixels = read_frame(video, -1, time_s)
+    still = Path(directory) / f"{video.stem}-t{time_s:.3f}.png"
+    Image.fromarray(pixels).save(still)
+    return still
 
 
 def frame_ref(video: str | Path, time_s: float) -> str:
