@@ -121,8 +121,10 @@ def run_in_child(module: str, kwargs: dict) -> dict:
         [sys.executable, "-c", code, module, json.dumps(kwargs), here],
         capture_output=True,
         text=True,
-        check=True,
+        check=False,
     )
+    if done.returncode != 0:
+        raise SystemExit(f"{module}.run_once({kwargs}) failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

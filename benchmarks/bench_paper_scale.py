@@ -19,11 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench_extract import run_in_child  # each recipe in its own process: its own peak memory
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = ("paper-vgg16-rss", "oim-resnet50")
@@ -49,7 +49,7 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def measure(recipe: str, manifests: str, device: str, amp: str, iters: int, images: int) -> dict:
+def run_once(recipe: str, manifests: str, device: str, amp: str, iters: int, images: int) -> dict:
     """Train `iters` timed iterations (after one warm-up) and extract `images` gallery images."""
     import dataclasses
 
@@ -129,20 +129,6 @@ def measure(recipe: str, manifests: str, device: str, amp: str, iters: int, imag
     return out
 
 
-def run_recipe(recipe: str, manifests: Path, args: argparse.Namespace) -> dict:
-    code = (
-        "import json, sys; sys.path.insert(0, 'benchmarks'); import bench_paper_scale as b; "
-        f"print(json.dumps(b.measure({recipe!r}, {str(manifests)!r}, {args.device!r}, "
-        f"{args.amp!r}, {args.iters}, {args.images})))"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=False, cwd=REPO
-    )
-    if done.returncode != 0:
-        raise SystemExit(f"{recipe}: failed\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -165,7 +151,17 @@ def main() -> None:
     )
     print(header)
     for recipe in args.recipes.split(","):
-        r = run_recipe(recipe, manifests, args)
+        r = run_in_child(
+            "bench_paper_scale",
+            dict(
+                recipe=recipe,
+                manifests=str(manifests),
+                device=args.device,
+                amp=args.amp,
+                iters=args.iters,
+                images=args.images,
+            ),
+        )
         peak = r.get("peak_train_gib", r["peak_rss_gib"])
         print(
             f"{r['recipe']:<16} {r['device']:<4} {r['amp']:<10} {r['input']:<9} {r['batch']:>5} "

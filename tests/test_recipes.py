@@ -292,3 +292,10 @@ def test_recipes_parse_as_plain_yaml():
     # The files stay plain YAML any tool reads (DVC, yq), no anchors or tags of ours.
     for path in CONFIGS.glob("*.yaml"):
         assert isinstance(yaml.safe_load(path.read_text()), dict)
+
+
+def test_config_use_replaces_a_params_file_that_no_longer_validates(tmp_path):
+    (tmp_path / "params.yaml").write_text("train:\n  lr: -1\n")  # broken: use must still fix it
+    done = _psearch("config", "use", "paper-vgg16-rss", "--dir", str(CONFIGS), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert load_params(tmp_path / "params.yaml").model.backbone == "vgg16"

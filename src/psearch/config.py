@@ -412,9 +412,8 @@ def _migrate_renamed_keys(tree: dict[str, Any], source: str) -> None:
         values = tree.get(section)
         if isinstance(values, dict) and "lr_step" in values and "lr_steps" not in values:
             step = values.pop("lr_step")
-            values["lr_steps"] = [step] if isinstance(step, int) and step > 0 else []
-            if not isinstance(step, int):
-                values["lr_steps"] = step  # let validation name the bad value
+            # 0 meant "never"; a value that is no integer is passed on for validation to name.
+            values["lr_steps"] = ([step] if step > 0 else []) if isinstance(step, int) else step
             warnings.warn(
                 f"{source}: {section}.lr_step is now {section}.lr_steps (a list); read as "
                 f"lr_steps: {values['lr_steps']}",

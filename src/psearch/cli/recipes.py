@@ -83,7 +83,10 @@ def _use(args: argparse.Namespace) -> int:
     path = recipe_path(args.recipe, Path(args.dir))
     params = load_params(path)  # a recipe that does not validate is never written
     target = Path(args.to)
-    before = flatten(load_params(target)) if target.is_file() else {}
+    try:  # what changes, when the file being replaced is itself a valid params file
+        before = flatten(load_params(target)) if target.is_file() else {}
+    except PsearchError:
+        before = {}
     after = flatten(params)
     with atomic_file(target) as tmp:
         tmp.write_text(path.read_text())

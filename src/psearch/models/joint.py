@@ -47,6 +47,12 @@ INFERENCE_SETTINGS = (
 )
 
 
+def _keyword_only(function: Any) -> tuple[str, ...]:
+    """The names of `function`'s keyword-only parameters, in order."""
+    parameters = inspect.signature(function).parameters.values()
+    return tuple(p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY)
+
+
 class RPNHead512(nn.Module):
     """torchvision's RPNHead with the paper's 512-channel 3x3 conv instead of in_channels."""
 
@@ -120,24 +126,14 @@ class JointNet(PersonNet):
         max_size: int = 480,
         **person_net: Any,
     ) -> None:
+        # The keyword arguments as given (the keyword-only ones, in the signature's order),
+        # for model_settings: a saved model rebuilds from them.
+        given = locals()
+        detector = {name: given[name] for name in DETECTOR_SETTINGS}  # (defined below)
         super().__init__(num_classes, **person_net)
-        self._detector_settings = {
-            "anchor_sizes": list(anchor_sizes),
-            "anchor_ratios": list(anchor_ratios),
-            "rpn_pre_nms_top_n_train": rpn_pre_nms_top_n_train,
-            "rpn_post_nms_top_n_train": rpn_post_nms_top_n_train,
-            "rpn_pre_nms_top_n_test": rpn_pre_nms_top_n_test,
-            "rpn_post_nms_top_n_test": rpn_post_nms_top_n_test,
-            "rpn_nms_thresh": rpn_nms_thresh,
-            "rpn_batch_size_per_image": rpn_batch_size_per_image,
-            "roi_batch_size_per_image": roi_batch_size_per_image,
-            "roi_positive_fraction": roi_positive_fraction,
-            "box_score_thresh": box_score_thresh,
-            "box_nms_thresh": box_nms_thresh,
-            "detections_per_img": detections_per_img,
-            "min_size": min_size,
-            "max_size": max_size,
-        }
+        detector["anchor_sizes"] = list(anchor_sizes)
+        detector["anchor_ratios"] = list(anchor_ratios)
+        self._detector_settings = detector
         self.transform = GeneralizedRCNNTransform(
             min_size, max_size, IMAGE_MEAN, IMAGE_STD, size_divisible=32
         )
@@ -354,11 +350,7 @@ class JointNet(PersonNet):
 
 
 # The keyword arguments only the joint net has (IDNet has no detector), in the params' order.
-DETECTOR_SETTINGS = tuple(
-    name
-    for name, parameter in inspect.signature(JointNet).parameters.items()
-    if parameter.kind is inspect.Parameter.KEYWORD_ONLY
-)
+DETECTOR_SETTINGS = _keyword_only(JointNet.__init__)
 
 
 def build_joint_net(num_classes: int, **settings: Any) -> JointNet:

@@ -19,10 +19,9 @@ from psearch.data.loaders import CropDataset
 from psearch.data.manifest import Manifests
 from psearch.errors import PsearchError
 from psearch.models.idnet import IDNet, build_idnet
-from psearch.train.runner import TrainingStage
+from psearch.train.runner import RUN_FILE, TrainingStage
 
 IDNET_FILE = "idnet.pt"
-RUN_FILE = "run.json"
 BN_BATCHES = 8  # batches of crops that recompute BatchNorm statistics after training
 
 

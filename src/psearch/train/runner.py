@@ -32,6 +32,7 @@ from psearch.train.distributed import DistContext, barrier, cleanup, dist_contex
 from psearch.train.engine import Engine, FitResult, ForwardFn, MetricsFn, seed_everything
 
 log = logging.getLogger(__name__)
+RUN_FILE = "run.json"  # beside the model file: the run's summary (and a skipped stage's marker)
 
 # (model file, artifact name) -> (runs:/ URI, models:/ URI) of the model logged to the active
 # MLflow run. The stage function passes psearch.serving's in: train sits below serving.
@@ -227,5 +228,5 @@ def write_output(
                 info["model_uri"], info["logged_model_uri"] = log_model(tmp / file_name, "model")
         info.update(extra)
         info.update(metrics)
-        (tmp / "run.json").write_text(json.dumps(info, indent=2) + "\n")
+        (tmp / RUN_FILE).write_text(json.dumps(info, indent=2) + "\n")
     return info
