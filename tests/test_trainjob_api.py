@@ -211,9 +211,9 @@ def test_success_creates_follows_collects_and_deletes(task):
 
 def test_a_failed_trainjob_fails_the_task_with_its_message(task):
     lines: list[str] = []
-    with FakeKubernetes(_scenario("failure")) as fake:
-        with pytest.raises(trainjob.TrainJobFailed) as failed:
-            _launch(task, fake, lines)
+    fake = FakeKubernetes(_scenario("failure"))
+    with fake, pytest.raises(trainjob.TrainJobFailed) as failed:
+        _launch(task, fake, lines)
     assert fake.unexpected == []
     assert str(failed.value) == (
         f"TrainJob {NAME} failed (FailedJobs): jobset failed due to one or more job failures"
@@ -282,9 +282,9 @@ def test_the_inputs_are_staged_on_the_pvc_before_the_job_is_created(task):
         seen["files"] = sorted(p.relative_to(paths.root).as_posix() for p in paths.root.rglob("*"))
         seen["params"] = json.loads(paths.params.read_text())
 
-    with FakeKubernetes(_scenario("failure"), {f"POST {_jobs_path()}": look}) as fake:
-        with pytest.raises(trainjob.TrainJobFailed):
-            _launch(task, fake, [])
+    fake = FakeKubernetes(_scenario("failure"), {f"POST {_jobs_path()}": look})
+    with fake, pytest.raises(trainjob.TrainJobFailed):
+        _launch(task, fake, [])
     assert seen["files"] == [
         "idnet",
         "idnet/idnet.pt",
