@@ -93,23 +93,15 @@ class NodePaths:
     """What the nodes read and write, under the staging directory on the checkpoint PVC."""
 
     root: Path
+    params: Path
+    manifests: Path
+    init: Path
+    # Checkpoints go beside it (model.ckpt/), so a job started again resumes from them.
+    model: Path
 
-    @property
-    def params(self) -> Path:
-        return self.root / "params.json"
-
-    @property
-    def manifests(self) -> Path:
-        return self.root / "manifests"
-
-    @property
-    def init(self) -> Path:
-        return self.root / "idnet"
-
-    @property
-    def model(self) -> Path:
-        # Checkpoints go beside it (model.ckpt/), so a job started again resumes from them.
-        return self.root / "model"
+    @classmethod
+    def under(cls, root: Path) -> NodePaths:
+        return cls(root, root / "params.json", root / "manifests", root / "idnet", root / "model")
 
 
 def trainjob_name(kfp_run_id: str) -> str:
@@ -127,7 +119,7 @@ def staging_paths(checkpoint_root: str, kfp_run_id: str) -> NodePaths:
             "train_nodes: the nodes share inputs and model through the checkpoint PVC, and "
             "there is none (pipeline.checkpoint_pvc)"
         )
-    return NodePaths(Path(checkpoint_root) / kfp_run_id / "train-nodes")
+    return NodePaths.under(Path(checkpoint_root) / kfp_run_id / "train-nodes")
 
 
 def stage_inputs(paths: NodePaths, manifests: Path, params_json: str, init: Path | None) -> None:
@@ -281,49 +273,44 @@ class TrainJobs:
         self.report(f"trainjob {name}: created again, its nodes resume from the checkpoints")
         return created
 
+    def _events(self, name: str, resource_version: str | None = None):
+        """The job's watch events (from `resource_version`) until the server closes the watch."""
+        return watch.Watch().stream(
+            self.custom.list_namespaced_custom_object,
+            *self._args(),
+            field_selector=f"metadata.name={name}",
+            timeout_seconds=WATCH_SECONDS,
+            **({"resource_version": resource_version} if resource_version else {}),
+        )
+
     def _wait_gone(self, name: str) -> None:
         """Foreground deletion takes the pods first; the name is free once the job is gone."""
         while self.get(name) is not None:
-            stream = watch.Watch().stream(
-                self.custom.list_namespaced_custom_object,
-                *self._args(),
-                field_selector=f"metadata.name={name}",
-                timeout_seconds=WATCH_SECONDS,
-            )
-            for event in stream:
-                if event["type"] == "DELETED":
-                    return
+            if any(event["type"] == "DELETED" for event in self._events(name)):
+                return
 
     def wait(self, name: str) -> dict[str, Any]:
         """Follow the job until it ends; return it Complete, raise TrainJobFailed otherwise.
         A watch the server closed (timeout, or 410 Gone: too old a resourceVersion) is started
         again from a fresh read of the job."""
         status = StatusReport(name, self.report)
-        while True:
-            job = self.get(name)
+
+        def ended(job: dict[str, Any] | None) -> bool:
             if job is None:
                 raise TrainJobFailed(f"TrainJob {name} was deleted before it ended")
             status.update(job)
             if outcome(job) == "Failed":
                 raise TrainJobFailed(failure_message(job))
-            if outcome(job) == "Complete":
+            return outcome(job) == "Complete"
+
+        while True:
+            job = self.get(name)
+            if ended(job):
                 return job
-            stream = watch.Watch().stream(
-                self.custom.list_namespaced_custom_object,
-                *self._args(),
-                field_selector=f"metadata.name={name}",
-                resource_version=job["metadata"].get("resourceVersion"),
-                timeout_seconds=WATCH_SECONDS,
-            )
             try:
-                for event in stream:
-                    job = event["object"]
-                    if event["type"] == "DELETED":
-                        raise TrainJobFailed(f"TrainJob {name} was deleted before it ended")
-                    status.update(job)
-                    if outcome(job) == "Failed":
-                        raise TrainJobFailed(failure_message(job))
-                    if outcome(job) == "Complete":
+                for event in self._events(name, job["metadata"].get("resourceVersion")):
+                    job = None if event["type"] == "DELETED" else event["object"]
+                    if ended(job):
                         return job
             except ApiException as exc:
                 if exc.status != 410:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from kubernetes import client
@@ -28,6 +29,7 @@ from trainjob_fixtures import FakeKubernetes, load_scenario, schema_errors
 
 from components import trainjob
 from components.runtime import params_json
+from components.train_nodes import train_nodes
 from pipelines.settings import settings_for
 from pipelines.trainjob import trainjob_template
 from psearch.config import load_params
@@ -102,6 +104,19 @@ def _launch(task: dict, fake: FakeKubernetes, lines: list[str]):
     )
 
 
+def _complete_run(task: dict, routes: dict) -> tuple[FakeKubernetes, list[str]]:
+    """Launch against `routes` while the "nodes" write the model; the job must complete."""
+    lines: list[str] = []
+    hooks = {f"WATCH {_jobs_path()}": _nodes_write_the_model(task["paths"])}
+    with FakeKubernetes(routes, hooks) as fake:
+        job = _launch(task, fake, lines)
+    assert fake.unexpected == []
+    assert trainjob.outcome(job) == "Complete"
+    assert (task["out"] / "model.pt").read_bytes() == b"trained weights"
+    _check_rbac(fake)
+    return fake, lines
+
+
 def _allowed(request: dict) -> tuple[str, str, str]:
     """(API group, resource, verb) of a recorded request, as RBAC names them."""
     method, path = request["route"].split(" ", 1)
@@ -155,12 +170,7 @@ def _job_path() -> str:
 
 
 def test_success_creates_follows_collects_and_deletes(task):
-    lines: list[str] = []
-    hooks = {f"WATCH {_jobs_path()}": _nodes_write_the_model(task["paths"])}
-    with FakeKubernetes(_scenario("success"), hooks) as fake:
-        job = _launch(task, fake, lines)
-    assert fake.unexpected == []
-    assert trainjob.outcome(job) == "Complete"
+    fake, lines = _complete_run(task, _scenario("success"))
 
     # The TrainJob that reached the server: valid against the CRD, with this run's command.
     (create,) = fake.calls(f"POST {_jobs_path()}")
@@ -186,10 +196,8 @@ def test_success_creates_follows_collects_and_deletes(task):
     assert int(watch["query"]["timeoutSeconds"]) == trainjob.WATCH_SECONDS
     (delete,) = fake.calls(f"DELETE {_job_path()}")
     assert delete["query"]["propagationPolicy"] == "Foreground"
-    _check_rbac(fake)
 
     # The model is the task's output; the staging directory on the PVC is gone.
-    assert (task["out"] / "model.pt").read_bytes() == b"trained weights"
     assert (task["out"] / "run.json").is_file()
     assert not root.exists()
 
@@ -228,12 +236,7 @@ def test_a_failed_trainjob_fails_the_task_with_its_message(task):
 
 
 def test_the_status_stream_survives_closed_and_expired_watches(task):
-    lines: list[str] = []
-    hooks = {f"WATCH {_jobs_path()}": _nodes_write_the_model(task["paths"])}
-    with FakeKubernetes(_scenario("stream"), hooks) as fake:
-        job = _launch(task, fake, lines)
-    assert fake.unexpected == []
-    assert trainjob.outcome(job) == "Complete"
+    fake, lines = _complete_run(task, _scenario("stream"))
     watches = fake.calls(f"WATCH {_jobs_path()}")
     # Each watch starts from the version just read: after the close, after the 410.
     assert [w["query"]["resourceVersion"] for w in watches] == ["1002", "1400", "1600"]
@@ -241,22 +244,13 @@ def test_the_status_stream_survives_closed_and_expired_watches(task):
     # The child jobs' counts are reported once per change, not once per event.
     ready = f"trainjob {NAME}: jobs node: active 1, ready 1, succeeded 0, failed 0"
     assert lines.count(ready) == 1
-    assert (task["out"] / "model.pt").is_file()
-    _check_rbac(fake)
 
 
 def test_a_retried_task_replaces_the_failed_job_of_the_previous_try(task):
-    lines: list[str] = []
-    hooks = {f"WATCH {_jobs_path()}": _nodes_write_the_model(task["paths"])}
-    with FakeKubernetes(_scenario("retry"), hooks) as fake:
-        job = _launch(task, fake, lines)
-    assert fake.unexpected == []
-    assert trainjob.outcome(job) == "Complete"
+    fake, lines = _complete_run(task, _scenario("retry"))
     routes = [r["route"].split(" ")[0] for r in fake.requests if "/trainjobs" in r["route"]]
-    assert routes == ["POST", "GET", "DELETE", "GET", "POST", "GET", "WATCH", "DELETE"]
+    assert routes == ["POST", "GET", "DELETE", "GET", "WATCH", "POST", "GET", "WATCH", "DELETE"]
     assert any("deleting it to start again" in line for line in lines)
-    assert (task["out"] / "model.pt").is_file()
-    _check_rbac(fake)
 
 
 def test_a_running_job_of_a_previous_try_is_followed_not_replaced(task):
@@ -265,13 +259,9 @@ def test_a_running_job_of_a_previous_try_is_followed_not_replaced(task):
     running = _scenario("stream")[f"GET {_job_path()}"][1]
     routes[f"POST {_jobs_path()}"] = _scenario("retry")[f"POST {_jobs_path()}"][:1]
     routes[f"GET {_job_path()}"] = [running]
-    lines: list[str] = []
-    hooks = {f"WATCH {_jobs_path()}": _nodes_write_the_model(task["paths"])}
-    with FakeKubernetes(routes, hooks) as fake:
-        _launch(task, fake, lines)
+    fake, lines = _complete_run(task, routes)
     assert len(fake.calls(f"POST {_jobs_path()}")) == 1
     assert any("a previous try created it" in line for line in lines)
-    assert (task["out"] / "model.pt").is_file()
 
 
 def test_the_inputs_are_staged_on_the_pvc_before_the_job_is_created(task):
@@ -308,3 +298,17 @@ def test_bad_inputs_fail_before_anything_is_created(task):
                 task["out"], api=_api(fake), namespace=NAMESPACE,
             )  # fmt: skip
     assert fake.requests == []
+
+
+def test_the_component_body_hands_its_artifacts_to_the_launcher(monkeypatch, tmp_path):
+    """components.train_nodes (what the compiled task runs) passes KFP's artifact paths on."""
+    calls = []
+    monkeypatch.setattr(trainjob, "run_trainjob", lambda *a, **kw: calls.append((a, kw)))
+    artifact = {name: SimpleNamespace(path=str(tmp_path / name)) for name in ("m", "i", "o")}
+    train_nodes(
+        artifact["m"], "{}", "parent", "/mnt/c", "run-1", "{}", artifact["o"], artifact["i"]
+    )
+    train_nodes(artifact["m"], "{}", "parent", "/mnt/c", "run-1", "{}", artifact["o"])
+    (args, kwargs), (_, no_init) = calls
+    assert args == ("{}", tmp_path / "m", "{}", "parent", "/mnt/c", "run-1", tmp_path / "o")
+    assert kwargs == {"init": tmp_path / "i"} and no_init == {"init": None}
