@@ -77,6 +77,13 @@ RBAC_RULES: tuple[dict[str, list[str]], ...] = (
     {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
 )
 
+# A create refused for the cluster's set-up, and what to do about it.
+CREATE_REFUSED = {
+    403: "the run's service account may not create TrainJobs: apply the Role and RoleBinding "
+    'of docs/kubeflow.md "Training on several nodes"',
+    404: f"the cluster has no {PLURAL}.{GROUP}/{VERSION}: install Kubeflow Trainer v2",
+}
+
 Report = Callable[[str], None]
 
 
@@ -172,7 +179,7 @@ def condition(job: dict[str, Any], kind: str) -> dict[str, Any] | None:
 
 
 def outcome(job: dict[str, Any]) -> str | None:
-    """ "Complete" or "Failed" once the job has ended, else None."""
+    """Complete or Failed once the job has ended, else None."""
     if condition(job, "Failed"):
         return "Failed"
     if condition(job, "Complete"):
@@ -259,6 +266,11 @@ class TrainJobs:
             self.report(f"trainjob {name}: created in namespace {self.namespace}")
             return created
         except ApiException as exc:
+            if exc.status in CREATE_REFUSED:
+                raise PsearchError(
+                    f"cannot create TrainJob {name} in {self.namespace} ({exc.status} "
+                    f"{exc.reason}): {CREATE_REFUSED[exc.status]}"
+                ) from None
             if exc.status != 409:
                 raise
         existing = self.get(name)

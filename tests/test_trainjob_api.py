@@ -312,3 +312,17 @@ def test_the_component_body_hands_its_artifacts_to_the_launcher(monkeypatch, tmp
     (args, kwargs), (_, no_init) = calls
     assert args == ("{}", tmp_path / "m", "{}", "parent", "/mnt/c", "run-1", tmp_path / "o")
     assert kwargs == {"init": tmp_path / "i"} and no_init == {"init": None}
+
+
+@pytest.mark.parametrize(
+    ("status", "reason", "hint"),
+    [(403, "Forbidden", "apply the Role and RoleBinding"), (404, "NotFound", "install Kubeflow")],
+)
+def test_a_refused_create_says_what_the_cluster_lacks(task, status, reason, hint):
+    refused = {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": status}
+    refused["reason"] = reason
+    fake = FakeKubernetes({f"POST {_jobs_path()}": [{"status": status, "body": refused}]})
+    with fake, pytest.raises(trainjob.PsearchError) as exc:
+        _launch(task, fake, [])
+    assert str(exc.value).startswith(f"cannot create TrainJob {NAME} in {NAMESPACE} ({status} ")
+    assert hint in str(exc.value) and "\n" not in str(exc.value)
