@@ -7,7 +7,7 @@ paper's Table 2 are flags: `boxes="gt"` uses the annotated boxes as a perfect de
 IDNet on crops of the boxes (Deep + IDNet, the two-stage pipeline).
 
 Outputs (docs/contract.md): OUT/gallery_detections.parquet, OUT/query_features.parquet and
-OUT/extraction.json (settings, counts, throughput, where the images are). With a shard I/N,
+OUT/extraction.json (settings, counts, where the images are; the throughput goes to MLflow). With a shard I/N,
 the same files go to OUT/part-00I-of-00N/ instead (see shards.py); `merge` combines them.
 With tracking on, an extraction is an MLflow stage run: the test split as its dataset
 input, the machine's use sampled (system metrics) and its throughput as `extract/...`.
@@ -34,6 +34,7 @@ from psearch.inference.shards import merge, part_dir, shard_positions
 from psearch.inference.writer import (
     GalleryWriter,
     read_extraction_json,
+    relative_path,
     write_extraction_json,
     write_query_features,
 )
@@ -132,11 +133,11 @@ def _extract(
             "device": str(device),
             "batch_size": params.extract.batch_size,
             "amp": bool(params.extract.amp and device.type == "cuda"),
-            # Where the images are, for `psearch search` on this directory.
-            "manifests": str(Path(tables.root).resolve()),
-            "image_root": str(dataset_root(tables)),
+            # Where the images are, for `psearch search` on this directory (relative to it).
+            "manifests": relative_path(tables.root, target),
+            "image_root": relative_path(dataset_root(tables), target),
         }
-        write_extraction_json(tmp, info)
+        write_extraction_json(tmp, info, timings=shard is not None)
     return info
 
 

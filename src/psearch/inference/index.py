@@ -5,10 +5,11 @@ and writes INDEX/, a directory that is self-contained for searching:
 
     index.faiss        the vectors (row i = detection_id i); inner product, as `psearch search`
     detections.parquet detection_id, image_id, x1, y1, x2, y2, score (the rows the index points to)
-    images.parquet     every gallery image: image_id, path (absolute), width, height; and for
+    images.parquet     every gallery image: image_id, path (relative to INDEX), width, height; and for
                        a video gallery, video, frame_index, time_s (null for image files)
     index.json         kind and parameters, counts, the model's weights fingerprint and URI,
-                       the data version, the extraction it came from
+                       the data version, the extraction it came from (relative to INDEX); no
+                       timings, so the same index has the same bytes (a DVC output)
 
 `GalleryIndex.search` ranks gallery images by their most similar detection, as
 `psearch.inference.search.rank_images` does over the full matrix, without a Python loop over
@@ -21,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +41,7 @@ from psearch.data.manifest import GALLERY_DETECTIONS, feature_dim, read_manifest
 from psearch.errors import PsearchError
 from psearch.inference.loading import fetch_model
 from psearch.inference.video import frame_ref, is_video_extraction, read_frames
-from psearch.inference.writer import read_extraction_json
+from psearch.inference.writer import read_extraction_json, recorded_manifests, relative_path
 from psearch.jsonfile import read_json_object
 
 INDEX_FORMAT = "psearch-index/1"
@@ -219,16 +221,31 @@ def build_index(
         "idnet": info.get("idnet"),
         "model": {"uri": model_uri, "fingerprint": fingerprint},
         "data_version": info.get("data_version", "unknown"),
-        "extraction": str(detections.resolve()),
+        "extraction": relative_path(detections, out),
         "faiss_version": faiss.__version__,
     }
     with atomic_dir(out) as tmp:
         faiss.write_index(index, str(tmp / INDEX_FILE))
         pq.write_table(rows, tmp / DETECTIONS_FILE)
-        pq.write_table(images, tmp / IMAGES_FILE)
-        meta["build_seconds"] = round(time.perf_counter() - started, 3)
+        pq.write_table(_relative_image_paths(images, out), tmp / IMAGES_FILE)
+        # index.json holds no timing: the same index hashes alike on every build (a DVC output).
         (tmp / INDEX_JSON).write_text(json.dumps(meta, indent=2) + "\n")
-    return {**meta, "out": str(out)}
+    return {**meta, "build_seconds": round(time.perf_counter() - started, 3), "out": str(out)}
+
+
+def _relative_image_paths(images: pa.Table, out: Path) -> pa.Table:
+    """images.parquet's image paths relative to the index directory (string operations only:
+    a million paths), so an index hashes alike wherever it is built and moves with its
+    data; a video frame's name (video.frame_ref) is not a path and stays."""
+    base = str(Path(out).resolve())
+    frames = images.column("video").is_valid().to_pylist()
+    paths = [
+        name if frame else os.path.relpath(name, base)
+        for name, frame in zip(images.column("path").to_pylist(), frames, strict=True)
+    ]
+    return images.set_column(
+        images.schema.get_field_index("path"), "path", pa.array(paths, pa.string())
+    )
 
 
 def _gallery_images(detections: Path, info: dict[str, Any], manifests: Path | None) -> pa.Table:
@@ -250,7 +267,7 @@ def _gallery_images(detections: Path, info: dict[str, Any], manifests: Path | No
             ],
             schema=IMAGES_SCHEMA,
         )
-    manifests = Path(manifests or info.get("manifests") or "")
+    manifests = recorded_manifests(detections, info, manifests)
     if not (manifests / "images.parquet").is_file():
         raise PsearchError(
             f"{detections / 'extraction.json'}: its manifests {manifests} are not there "
@@ -318,7 +335,12 @@ class GalleryIndex:
         self.boxes = np.stack([rows.column(c).to_numpy() for c in ("x1", "y1", "x2", "y2")], 1)
         self.scores = rows.column("score").to_numpy()
         images = _read_images(path / IMAGES_FILE)
-        self.images = {row["image_id"]: GalleryImage(**row) for row in images.to_pylist()}
+        base = str(path.resolve())  # resolved, as the paths were: a string compare finds an image
+        self.images = {}
+        for row in images.to_pylist():
+            if row["video"] is None:  # relative to the index directory (absolute in older ones)
+                row["path"] = os.path.normpath(os.path.join(base, row["path"]))
+            self.images[row["image_id"]] = GalleryImage(**row)
         # Detections of one image, for drawing its boxes: rows sorted by image_id.
         self._order = np.argsort(self.image_ids, kind="stable")
         self._sorted_ids = self.image_ids[self._order]

@@ -25,14 +25,25 @@ from psearch.atomic import atomic_dir, check_writable
 from psearch.config import Params, TrainLoopConfig, to_dict
 from psearch.data.loaders import num_train_identities
 from psearch.data.manifest import Manifests, read_manifests
+from psearch.digest import file_sha256
 from psearch.models.io import save_model
-from psearch.tracking import data_version, stage_metrics, stage_run
+from psearch.tracking import MODEL_SHA256_TAG, data_version, stage_metrics, stage_run
 from psearch.train import checkpoint as ckpt
 from psearch.train.distributed import DistContext, barrier, cleanup, dist_context
 from psearch.train.engine import Engine, FitResult, ForwardFn, MetricsFn, seed_everything
 
 log = logging.getLogger(__name__)
 RUN_FILE = "run.json"  # beside the model file: the run's summary (and a skipped stage's marker)
+# What a training execution returns but run.json leaves out: facts of that execution (MLflow
+# ids, wall time, speed, a resume) that differ between two runs with the same result.
+RUN_FACTS = (
+    "run_id",
+    "model_uri",
+    "logged_model_uri",
+    "resumed_from_step",
+    "train_seconds",
+    "images_per_s",
+)
 
 # (model file, artifact name) -> (runs:/ URI, models:/ URI) of the model logged to the active
 # MLflow run. The stage function passes psearch.serving's in: train sits below serving.
@@ -214,8 +225,14 @@ def write_output(
     log_model: ModelLogger | None = None,
 ) -> dict[str, Any]:
     """Write `out/<file_name>` and `out/run.json` atomically; in an MLflow run, log the
-    metrics (as `<meta's stage>/<key>`) and (with `log_model`) the model. Returns what
-    run.json holds (its keys without the stage)."""
+    metrics (as `<meta's stage>/<key>`), (with `log_model`) the model, and tag the run with
+    the model file's hash. Returns run.json's content plus the facts of this execution
+    (RUN_FACTS: the MLflow ids, timings, the step resumed from).
+
+    run.json holds only what the same training from scratch reproduces byte for byte, so a
+    DVC output hashes the same on every such run; the execution's facts go to the MLflow run
+    (its metrics and the tags MODEL_SHA256_TAG, `psearch.model_uri`, `psearch.logged_model_uri`)
+    and the printed summary."""
     info: dict[str, Any] = {"run_id": run.info.run_id if run is not None else None}
     with atomic_dir(out) as tmp:
         save_model(tmp / file_name, model, meta)
@@ -226,7 +243,11 @@ def write_output(
             mlflow.log_metrics(stage_metrics(meta["stage"], logged))
             if log_model is not None:
                 info["model_uri"], info["logged_model_uri"] = log_model(tmp / file_name, "model")
+            tags = {MODEL_SHA256_TAG: file_sha256(tmp / file_name)}
+            tags.update({f"psearch.{k}": v for k, v in info.items() if k.endswith("model_uri")})
+            mlflow.set_tags(tags)
         info.update(extra)
         info.update(metrics)
-        (tmp / RUN_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        record = {k: v for k, v in info.items() if k not in RUN_FACTS}
+        (tmp / RUN_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return info
