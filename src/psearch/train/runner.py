@@ -129,12 +129,13 @@ class TrainingStage:
             with tracked_run(self.name, self.params, manifests, self.cfg.seed, ctx) as run:
                 if run is not None:
                     self.log_to_run()
+                checkpoints = Path(checkpoint_dir) if checkpoint_dir else ckpt.checkpoint_dir(out)
                 engine = Engine(
                     model,
                     dataset,
                     self.forward,
                     self.cfg,
-                    Path(checkpoint_dir) if checkpoint_dir else ckpt.checkpoint_dir(out),
+                    checkpoints,
                     fingerprint,
                     collate_fn=self.collate_fn,
                     log_metrics=metrics_logger(run, self.name),
@@ -158,6 +159,9 @@ class TrainingStage:
                         log_model,
                     )
                     log.info("%s: %s", self.name, info)
+                    # The output is in place: the checkpoints served only to resume this run,
+                    # and a rerun (`dvc repro --force`) must train from scratch.
+                    ckpt.discard(checkpoints)
                 barrier(ctx)
         finally:
             cleanup(ctx)
