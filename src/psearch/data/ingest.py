@@ -25,6 +25,7 @@ from psearch.data.manifest import MANIFEST_SCHEMAS, write_parquet
 from psearch.data.prw import read_prw
 from psearch.data.records import ParsedDataset, inside_root
 from psearch.data.table import TableOptions, read_table
+from psearch.diskspace import SMALL, check_free_space
 from psearch.errors import PsearchError
 
 FORMATS = ("cuhk-sysu", "prw", "table")
@@ -51,6 +52,7 @@ def ingest(
     if fmt == "table" and table is None:
         raise PsearchError("format table needs --annotations FILE.csv|FILE.parquet")
     check_writable(out)  # before the annotations and every image are read
+    check_free_space({out: SMALL})  # tables of boxes: small beside the images they describe
     parsed = read_table(root, table) if fmt == "table" else _read(root, fmt)
     # Hashing gigabytes of annotation files overlaps the rest (hashlib releases the GIL).
     with ThreadPoolExecutor(1) as pool:

@@ -22,10 +22,11 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from psearch.atomic import atomic_dir
+from psearch.atomic import atomic_dir, check_writable
 from psearch.config import Params
 from psearch.data.loaders import dataset_root
 from psearch.data.manifest import GALLERY_DETECTIONS, QUERY_FEATURES, Manifests, read_manifests
+from psearch.diskspace import SMALL, check_free_space
 from psearch.errors import PsearchError
 from psearch.inference import engine
 from psearch.inference.engine import batch_keys, run_chunks
@@ -79,6 +80,7 @@ def extract(
     target = part_dir(out, shard) if shard else Path(out)
     if shard and _finished(target, settings):
         return {**read_extraction_json(target), "out": str(target), "skipped": True}
+    check_writable(target)  # before the model is loaded and the images are read
 
     detail = f"{boxes}+{features}" + (f" · part {shard[0]}/{shard[1]}" if shard else "")
     tracking = stage_run(
@@ -114,6 +116,7 @@ def _extract(
     shard = tuple(settings["shard"]) if settings["shard"] else None
     device = resolve_device(params.extract.device)
     passes = _Passes(model, idnet, params, device, boxes, features)
+    check_free_space({target: _space_needed(gallery, query_images, passes.dim, params, boxes)})
     started = time.perf_counter()
     with atomic_dir(target) as tmp:
         mine = shard_positions(len(gallery["image_id"]), shard)
@@ -139,6 +142,18 @@ def _extract(
         }
         write_extraction_json(tmp, info, timings=shard is not None)
     return info
+
+
+def _space_needed(gallery, query_images, dim: int, params: Params, boxes: str) -> int:
+    """The extraction files' size, on the high side: every image with as many detections as
+    the detector may keep (its gt boxes with boxes="gt"), every query, uncompressed rows."""
+    if boxes == "gt":
+        rows = sum(len(b) for b in gallery["boxes"])
+    else:
+        rows = len(gallery["image_id"]) * params.model.detections_per_img
+    queries = sum(len(q) for q in query_images["query_ids"])
+    detection_row = 4 + 4 * 4 + 4 + 4 * dim  # image_id, box, score, feature (float32)
+    return rows * detection_row + queries * (4 + 4 * dim) + SMALL
 
 
 def _check_modes(boxes: str, features: str, idnet: Path | None) -> None:

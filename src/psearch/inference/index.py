@@ -34,10 +34,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from psearch.atomic import atomic_dir
+from psearch.atomic import atomic_dir, check_writable
 from psearch.config import IndexConfig, Params, to_dict
 from psearch.data.loaders import dataset_root
 from psearch.data.manifest import GALLERY_DETECTIONS, feature_dim, read_manifests
+from psearch.diskspace import SMALL, check_free_space
 from psearch.errors import PsearchError
 from psearch.inference.loading import fetch_model
 from psearch.inference.video import frame_ref, is_video_extraction, read_frames
@@ -197,6 +198,9 @@ def build_index(
     unknown = set(np.unique(image_ids).tolist()) - set(images.column("image_id").to_pylist())
     if unknown:
         raise PsearchError(f"{path}: image_id {min(unknown)} is not a gallery image")
+    check_writable(out)
+    # The vectors (float32), their rows and the image list; faiss's own overhead is small.
+    check_free_space({out: len(features) * (4 * dim + 64) + images.num_rows * 256 + SMALL})
     model_uri = str(model or info.get("model"))
     fingerprint = weights_fingerprint(fetch_model(model_uri)[0])
     index = fill_index(make_index(cfg, dim, len(features)), features)

@@ -26,6 +26,7 @@ from psearch.config import Params, TrainLoopConfig, to_dict
 from psearch.data.loaders import num_train_identities
 from psearch.data.manifest import Manifests, read_manifests
 from psearch.digest import file_sha256
+from psearch.diskspace import SMALL, check_free_space
 from psearch.models.io import save_model
 from psearch.tracking import MODEL_SHA256_TAG, data_version, stage_metrics, stage_run
 from psearch.train import checkpoint as ckpt
@@ -125,11 +126,13 @@ class TrainingStage:
             data_version(manifests),
             self.fingerprint_extra(),
         )
+        checkpoints = Path(checkpoint_dir) if checkpoint_dir else ckpt.checkpoint_dir(out)
+        if ctx.is_main:
+            check_free_space(space_needed(model, out, checkpoints))
         try:
             with tracked_run(self.name, self.params, manifests, self.cfg.seed, ctx) as run:
                 if run is not None:
                     self.log_to_run()
-                checkpoints = Path(checkpoint_dir) if checkpoint_dir else ckpt.checkpoint_dir(out)
                 engine = Engine(
                     model,
                     dataset,
@@ -176,6 +179,14 @@ class TrainingStage:
             "model": to_dict(self.params.model),
             "loss": to_dict(self.params.train.loss),
         }
+
+
+def space_needed(model: nn.Module, out: Path, checkpoints: Path) -> dict[Path, int]:
+    """What training writes: the model file, and in the checkpoint directory two checkpoints
+    (a new one is complete before the old one goes) of the weights and as much again of
+    optimiser state (SGD's momentum buffers)."""
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return {Path(out): weights + SMALL, Path(checkpoints): 4 * weights + SMALL}
 
 
 @contextlib.contextmanager
