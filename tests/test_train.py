@@ -11,6 +11,9 @@ import pytest
 import torch
 
 from psearch.cli import main as cli_main
+from psearch.digest import file_sha256
+from psearch.tracking import MODEL_SHA256_TAG
+from psearch.train.runner import RUN_FACTS
 from psearch.config import load_params
 from psearch.errors import PsearchError
 from psearch.train.checkpoint import checkpoint_dir, latest_checkpoint
@@ -93,8 +96,15 @@ def test_outputs_and_run_json(trained):
     assert sorted(p.name for p in (tmp / "pretrain").iterdir()) == ["idnet.pt", "run.json"]
     assert sorted(p.name for p in (tmp / "train").iterdir()) == ["model.pt", "run.json"]
     info = json.loads((tmp / "train" / "run.json").read_text())
-    assert info["model_uri"] == f"runs:/{info['run_id']}/model"
-    assert info["logged_model_uri"].startswith("models:/m-")
+    # The execution's facts are returned (and in MLflow), never in run.json: a DVC output
+    # must hash alike on every run.
+    returned = trained["train"]
+    assert returned["model_uri"] == f"runs:/{returned['run_id']}/model"
+    assert returned["logged_model_uri"].startswith("models:/m-")
+    assert not set(RUN_FACTS) & set(info) and set(RUN_FACTS) <= set(returned)
+    tags = _client(trained).get_run(returned["run_id"]).data.tags
+    assert tags[MODEL_SHA256_TAG] == file_sha256(tmp / "train" / "model.pt")
+    assert tags["psearch.logged_model_uri"] == returned["logged_model_uri"]
     assert info["num_classes"] == 15 and info["steps"] == 12
     assert info["init_transferred_keys"] > 0
     for key in ("final_loss", "final_loss_det", "final_loss_reid", "final_loss_rpn_cls"):

@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 from psearch.atomic import atomic_dir, check_writable
 from psearch.config import IndexConfig, Params, to_dict
 from psearch.data.loaders import dataset_root
-from psearch.data.manifest import GALLERY_DETECTIONS, feature_dim, read_manifests
+from psearch.data.manifest import GALLERY_DETECTIONS, feature_dim, read_manifests, read_parquet
 from psearch.diskspace import SMALL, check_free_space
 from psearch.errors import PsearchError
 from psearch.inference.loading import fetch_model
@@ -188,9 +188,24 @@ def build_index(
     path = detections / GALLERY_DETECTIONS
     if not path.is_file():
         raise PsearchError(f"{path}: file not found (not an extraction output)")
-    table = pq.read_table(path, filters=[("score", ">=", float(thresh))])
+    try:
+        table = pq.read_table(path, filters=[("score", ">=", float(thresh))])
+    except (OSError, pa.ArrowException) as exc:  # truncated, not Parquet, no score column
+        raise PsearchError(f"{path}: not a readable Parquet file ({exc})") from None
     dim = feature_dim(table, path)
+    recorded = info.get("feat_dim")
+    if isinstance(recorded, int) and recorded != dim:
+        raise PsearchError(
+            f"{path}: features of {dim} dimensions, but {detections / 'extraction.json'} "
+            f"says {recorded}"
+        )
     features = table.column("feature").combine_chunks().flatten().to_numpy().reshape(-1, dim)
+    finite = np.isfinite(features).all(axis=1)
+    if not finite.all():  # faiss would index them and rank them at random
+        raise PsearchError(
+            f"{path}: the feature of detection row {int(np.argmin(finite))} (of those indexed) "
+            "is not finite (NaN or inf)"
+        )
     if not len(features):
         raise PsearchError(f"{path}: no detection with score >= {thresh} to index")
     images = _gallery_images(detections, info, manifests)
@@ -330,7 +345,7 @@ class GalleryIndex:
             raise PsearchError(f"{path / INDEX_FILE}: not a faiss index") from None
         settings = self.meta.get("settings") or {}
         set_search_params(self.index, params or IndexConfig(**settings))
-        rows = pq.read_table(path / DETECTIONS_FILE, schema=DETECTIONS_SCHEMA)
+        rows = read_parquet(path / DETECTIONS_FILE, DETECTIONS_SCHEMA)
         if rows.num_rows != self.index.ntotal:
             raise PsearchError(
                 f"{path}: {rows.num_rows} detections but {self.index.ntotal} vectors in the index"
@@ -418,8 +433,14 @@ class GalleryIndex:
 
 def _read_images(path: Path) -> pa.Table:
     """images.parquet of an index, with the video columns (null) when it predates them."""
-    names = pq.read_schema(path).names
-    table = pq.read_table(path, columns=[c for c in IMAGES_SCHEMA.names if c in names])
+    try:
+        names = pq.read_schema(path).names
+        table = pq.read_table(path, columns=[c for c in IMAGES_SCHEMA.names if c in names])
+    except (OSError, pa.ArrowException) as exc:  # missing, truncated, not Parquet
+        raise PsearchError(f"{path}: not a readable Parquet file ({exc})") from None
+    missing = [c for c in IMAGES_SCHEMA.names if c not in names and c not in VIDEO_COLUMNS]
+    if missing:
+        raise PsearchError(f"{path}: no column {missing[0]!r} (not an index's images.parquet)")
     for column in VIDEO_COLUMNS:
         if column not in names:
             field = IMAGES_SCHEMA.field(column)
