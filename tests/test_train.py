@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from psearch.cli import main as cli_main
-from psearch.digest import file_sha256
-from psearch.tracking import MODEL_SHA256_TAG
-from psearch.train.runner import RUN_FACTS
 from psearch.config import load_params
+from psearch.digest import file_sha256
 from psearch.errors import PsearchError
+from psearch.tracking import MODEL_SHA256_TAG
 from psearch.train.checkpoint import checkpoint_dir, latest_checkpoint
 from psearch.train.engine import lr_factor
+from psearch.train.runner import RUN_FACTS
 
 # Small and fast: the tiny preset's own resolution, few RoIs, small crops.
 FAST = [
