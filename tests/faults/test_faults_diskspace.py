@@ -5,21 +5,16 @@ is made small by answering shutil.disk_usage for it (no mount needed)."""
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import pytest
 from test_train import FAST
 
-from faults.helpers import assert_one_line_error, run_cli
+from faults.helpers import assert_one_line_error, files_under, run_cli
 from psearch import diskspace
 from psearch.errors import PsearchError
 from psearch.synth import synthesize
 from psearch.synth.generate import estimated_bytes
 from psearch.synth.layout import PRESETS
-
-
-def _files(root: Path) -> set[str]:
-    return {str(p.relative_to(root)) for p in root.rglob("*")}
 
 
 @pytest.fixture
@@ -66,7 +61,7 @@ def test_synth_refuses_a_small_disk(tmp_path, free_bytes, capsys):
     code, _, err = run_cli(["synth", "--preset", "tiny", "--out", str(tmp_path / "raw")], capsys)
     assert_one_line_error(code, err, f"not enough free space in {tmp_path / 'raw'}: need ")
     assert err.strip().endswith("have 1000 B")
-    assert _files(tmp_path) == set()
+    assert files_under(tmp_path) == set()
 
 
 def test_ingest_refuses_a_small_disk(tiny_dataset, tmp_path, free_bytes, capsys):
@@ -75,7 +70,7 @@ def test_ingest_refuses_a_small_disk(tiny_dataset, tmp_path, free_bytes, capsys)
     argv = ["ingest", "--format", "cuhk-sysu", "--root", str(tiny_dataset), "--out", str(out)]
     code, _, err = run_cli(argv, capsys)
     assert_one_line_error(code, err, f"not enough free space in {out}: need 1.0 MiB")
-    assert _files(tmp_path) == set()
+    assert files_under(tmp_path) == set()
 
 
 @pytest.mark.parametrize("stage", ["pretrain", "train"])
@@ -88,4 +83,4 @@ def test_training_refuses_a_disk_without_room_for_a_model_and_checkpoints(
     argv = [stage, "--manifests", str(tiny_manifests), "--out", str(out)]
     code, _, err = run_cli([*argv, *(a for s in sets for a in ("--set", s))], capsys)
     assert_one_line_error(code, err, f"not enough free space in {out}: need ", "have 2.0 MiB")
-    assert _files(tmp_path) == set()  # no output, no checkpoint directory
+    assert files_under(tmp_path) == set()  # no output, no checkpoint directory

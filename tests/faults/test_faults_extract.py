@@ -14,15 +14,11 @@ from pathlib import Path
 import pytest
 from conftest import INFERENCE_OVERRIDES
 
-from faults.helpers import assert_one_line_error, run_cli
+from faults.helpers import assert_one_line_error, files_under, run_cli
 from psearch import diskspace
 from psearch.inference import extract as extract_module
 
 SETS = [arg for value in INFERENCE_OVERRIDES for arg in ("--set", value)]
-
-
-def _files(root: Path) -> set[str]:
-    return {str(p.relative_to(root)) for p in root.rglob("*")}
 
 
 def _copy_manifests(source: Path, tmp: Path) -> Path:
@@ -105,7 +101,7 @@ def test_extract_fault(
         argv += ["--out", str(tmp_path / "dets")]
     code, _, err = run_cli(["extract", *argv, *SETS], capsys)
     assert_one_line_error(code, err, *expected)
-    files = _files(tmp_path)
+    files = files_under(tmp_path)
     if "manifests/*" in left:  # the copied manifests, whatever the table files are
         files = {f for f in files if not f.startswith("manifests/")} | {"manifests/*"}
     assert files == left

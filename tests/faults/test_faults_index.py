@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import INFERENCE_OVERRIDES
 
-from faults.helpers import assert_one_line_error, run_cli
+from faults.helpers import assert_one_line_error, files_under, run_cli
 from psearch import diskspace
 from psearch.data.manifest import write_parquet
 from psearch.inference import index as index_module
@@ -24,10 +24,6 @@ from psearch.inference.writer import feature_array
 
 SETS = [arg for value in [*INFERENCE_OVERRIDES, "index.det_thresh=0"] for arg in ("--set", value)]
 GALLERY = "gallery_detections.parquet"
-
-
-def _files(root: Path) -> set[str]:
-    return {str(p.relative_to(root)) for p in root.rglob("*")}
 
 
 def _with_features(dets: Path, change) -> None:
@@ -102,4 +98,4 @@ def test_index_fault(
     argv = ["index", "--detections", str(dets), "--out", str(out)]
     code, _, err = run_cli([*argv, "--manifests", str(scene_manifests), *SETS], capsys)
     assert_one_line_error(code, err, *expected)
-    assert {f for f in _files(tmp_path) if not f.startswith("dets")} == left
+    assert {f for f in files_under(tmp_path) if not f.startswith("dets")} == left

@@ -12,13 +12,9 @@ import pytest
 import uvicorn
 from conftest import INFERENCE_OVERRIDES
 
-from faults.helpers import assert_one_line_error, run_cli
+from faults.helpers import assert_one_line_error, files_under, run_cli
 
 SETS = [arg for value in INFERENCE_OVERRIDES for arg in ("--set", value)]
-
-
-def _files(root: Path) -> set[str]:
-    return {str(p.relative_to(root)) for p in root.rglob("*")}
 
 
 def _no_index(index, model):
@@ -76,8 +72,8 @@ def test_serve_fault_at_start(
     monkeypatch.setattr(uvicorn, "run", binds_a_port)
     index = Path(shutil.copytree(scene_index, tmp_path / "index"))
     index, model = setup(index, random_models["joint"])
-    before = _files(tmp_path)
+    before = files_under(tmp_path)
     argv = ["serve", "--index", str(index), "--model", str(model), "--port", "0"]
     code, _, err = run_cli([*argv, *SETS], capsys)
     assert_one_line_error(code, err, *expected)
-    assert _files(tmp_path) == before
+    assert files_under(tmp_path) == before
