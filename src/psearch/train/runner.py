@@ -128,7 +128,7 @@ class TrainingStage:
         )
         checkpoints = Path(checkpoint_dir) if checkpoint_dir else ckpt.checkpoint_dir(out)
         if ctx.is_main:
-            check_free_space(space_needed(model, out, checkpoints))
+            check_free_space(space_needed(model, out, checkpoints, self.cfg.checkpoint_every > 0))
         try:
             with tracked_run(self.name, self.params, manifests, self.cfg.seed, ctx) as run:
                 if run is not None:
@@ -181,12 +181,17 @@ class TrainingStage:
         }
 
 
-def space_needed(model: nn.Module, out: Path, checkpoints: Path) -> dict[Path, int]:
-    """What training writes: the model file, and in the checkpoint directory two checkpoints
-    (a new one is complete before the old one goes) of the weights and as much again of
-    optimiser state (SGD's momentum buffers)."""
+def space_needed(
+    model: nn.Module, out: Path, checkpoints: Path, checkpointing: bool = True
+) -> dict[Path, int]:
+    """What training writes: the model file, and (`checkpointing`) in the checkpoint directory
+    two checkpoints (a new one is complete before the old one goes) of the weights and as much
+    again of optimiser state (SGD's momentum buffers)."""
     weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    return {Path(out): weights + SMALL, Path(checkpoints): 4 * weights + SMALL}
+    needs = {Path(out): weights + SMALL}
+    if checkpointing:
+        needs[Path(checkpoints)] = 4 * weights + SMALL
+    return needs
 
 
 @contextlib.contextmanager
