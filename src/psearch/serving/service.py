@@ -26,10 +26,10 @@ import torch
 
 from psearch import __version__
 from psearch.config import Params
+from psearch.errors import PsearchError
 from psearch.inference import engine
 from psearch.inference.index import INDEX_JSON, GalleryIndex, weights_fingerprint
 from psearch.inference.loading import load_idnet, load_joint, resolve_device
-from psearch.errors import PsearchError
 from psearch.models.io import resolve_model_file
 from psearch.serving.export import ExportedModel, exported_format
 from psearch.tracking import tracking_uri
