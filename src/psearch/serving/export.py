@@ -276,6 +276,16 @@ class ExportedModel:
             outputs = self._module(torch.from_numpy(image), torch.from_numpy(boxes))
         return tuple(o.numpy() for o in outputs)
 
+    def query_features(self, image: np.ndarray, query_boxes: np.ndarray) -> np.ndarray:
+        """[K, D] features of the boxes: the query path of a server. onnxruntime is asked
+        for that output alone; TorchScript runs the whole graph."""
+        if self.format != "onnx":
+            return self(image, query_boxes)[3]
+        image = np.ascontiguousarray(image, dtype=np.float32)
+        boxes = np.ascontiguousarray(query_boxes, dtype=np.float32).reshape(-1, 4)
+        feeds = {"image": image, "query_boxes": boxes}
+        return self._session.run([OUTPUT_NAMES[3]], feeds)[0]
+
 
 def export(model: str, fmt: str, out: Path, params) -> dict[str, Any]:
     """Export the joint model at `model` (a file, directory or MLflow URI) with the params'

@@ -233,7 +233,7 @@ class SearchService:
         if isinstance(snapshot.joint, ExportedModel):
             pixels = image.numpy().astype(np.float32) / 255  # as engine.as_float
             with self._forward:
-                return snapshot.joint(pixels, boxes[0])[3][0]
+                return snapshot.joint.query_features(pixels, boxes[0])[0]
         if snapshot.idnet is not None:
             step = engine.idnet_box_step(snapshot.idnet, boxes, snapshot.crop_size, self.amp)
         else:
