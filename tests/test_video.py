@@ -219,6 +219,7 @@ def _settings() -> list[str]:
     return [item for override in INFERENCE_OVERRIDES for item in ("--set", override)]
 
 
+@pytest.mark.slow
 def test_the_planted_person_ranks_first(footage, street_model, tmp_path, capsys):
     """`psearch extract --video`, then `psearch search` with a box on the planted person in
     frame 5 of the footage: the four frames holding them rank first, at their times, above the

@@ -1,4 +1,5 @@
-"""Synthetic footage for the video tests, and a model trained for seconds on the same street.
+"""Synthetic footage for the video tests, a model trained for seconds on the same street, and
+`psearch serve` over the footage.
 
 The footage is one street (psearch.synth drawing) filmed for 3 s at 4 frames/s, encoded with
 PyAV: identity 0 (the planted person) walks through frames 4-7, identity 1 stands at the right
@@ -20,8 +21,11 @@ import pytest
 import torch
 from conftest import INFERENCE_OVERRIDES
 from PIL import Image, ImageDraw
+from serving_fixtures import serve_process
 
 from psearch.config import load_params, to_dict
+from psearch.inference.index import build_index
+from psearch.inference.video_extract import extract_video
 from psearch.models.io import save_model
 from psearch.models.joint import build_joint_net
 from psearch.synth.drawing import background, draw_person, identity_look
@@ -137,3 +141,14 @@ def street_model(tmp_path_factory) -> Path:
     finally:
         torch.set_num_threads(threads)
     return save_model(tmp_path_factory.mktemp("street_model") / "model.pt", net.eval())
+
+
+@pytest.fixture(scope="session")
+def video_live_server(tmp_path_factory, footage, street_model, index_params):
+    """`psearch serve` in a subprocess over an index of the footage (every frame, every
+    detection) made with the street model; yields its base URL."""
+    base = tmp_path_factory.mktemp("video_serve")
+    extract_video(footage["video"], str(street_model), base / "dets", index_params, every_frames=1)
+    build_index(base / "dets", base / "index", index_params)
+    with serve_process(base / "index", street_model, base / "serve.log") as url:
+        yield url
