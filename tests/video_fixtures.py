@@ -41,8 +41,10 @@ OTHER_FRAMES = (0, 1, 9, 10)  # frames holding identity 1
 OTHER_BOX = (110, 25, 30, 85)
 
 # The street model's training: the footage's two people and four others, up to three people a
-# frame at random places, poses and lighting, two frames a step. Checked over seeds 0-3: each
-# ranks the planted frames first with every detection competing.
+# frame at random places, poses and lighting, two frames a step. Over seeds 0-5, five models
+# rank the planted frames first with every detection competing (seed 5's misses two of them):
+# one CPU thread keeps seed 0's model the same run to run; another CPU's kernels may round
+# differently and train another model.
 TRAIN_IDENTITIES = range(6)
 TRAIN_STEPS = 400
 LR, WARMUP = 0.01, 20
