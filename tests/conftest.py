@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-# Fixtures of the search service's tests (an index over the test scenes, a running server).
-pytest_plugins = ["serving_fixtures"]
+# Fixtures of the search service's tests (an index over the test scenes, a running server) and
+# of the video tests (synthetic footage, a model trained on its street).
+pytest_plugins = ["serving_fixtures", "video_fixtures"]
 
 # Tests never reach the internet: no usage telemetry from MLflow or DVC, no version checks.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")

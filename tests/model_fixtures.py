@@ -73,3 +73,17 @@ def assert_same_outputs(a, b) -> None:
         a.query_features(images, boxes), b.query_features(images, boxes), strict=True
     ):
         assert torch.equal(fa, fb)
+
+
+def he_init(net, seed: int = 0, gain: float = 0.9):
+    """Re-draw a JointNet's trunk, RoI head, detection score and RPN objectness with He-normal
+    weights (times `gain`), in place: the stored init gives every detection the same score,
+    and NMS breaks such ties by order. Returns the net."""
+    generator = torch.Generator().manual_seed(seed)
+    layers = [*net.backbone.modules(), *net.roi_head.modules(), net.det_score]
+    with torch.no_grad():
+        for layer in [*layers, net.rpn.head.cls_logits]:
+            if isinstance(layer, (torch.nn.Conv2d, torch.nn.Linear)):
+                std = gain * (2 / layer.weight[0].numel()) ** 0.5
+                layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) * std)
+    return net

@@ -1,6 +1,16 @@
-"""A small gallery index and search service for the serving tests (random-init model)."""
+"""A small gallery index and search service for the serving tests (random-init model), and
+`psearch serve` in a subprocess."""
 
 from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -42,16 +52,10 @@ def search_service(scene_index, random_models, index_params):
     service.stop()
 
 
-@pytest.fixture(scope="session")
-def live_server(tmp_path_factory, scene_index, random_models):
-    """`psearch serve` in a subprocess on 127.0.0.1 (a free port); yields its base URL."""
-    import os
-    import socket
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
-
+@contextlib.contextmanager
+def serve_process(index: Path, model: Path, log: Path) -> Iterator[str]:
+    """`psearch serve` of `index` with `model` in a subprocess on 127.0.0.1 (a free port);
+    yields its base URL once /healthz answers."""
     import httpx
     from conftest import INFERENCE_OVERRIDES
 
@@ -59,12 +63,11 @@ def live_server(tmp_path_factory, scene_index, random_models):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     sets = [item for override in INFERENCE_OVERRIDES for item in ("--set", override)]
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
     src = str(Path(__file__).resolve().parents[1] / "src")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
     command = [
-        sys.executable, "-m", "psearch", "serve", "--index", str(scene_index),
-        "--model", str(random_models["joint"]), "--port", str(port),
+        sys.executable, "-m", "psearch", "serve", "--index", str(index),
+        "--model", str(model), "--port", str(port),
         "--reload-interval", "0", "--log-level", "warning", *sets,
     ]  # fmt: skip
     with open(log, "wb") as out:
@@ -90,3 +93,11 @@ def live_server(tmp_path_factory, scene_index, random_models):
             process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+@pytest.fixture(scope="session")
+def live_server(tmp_path_factory, scene_index, random_models):
+    """`psearch serve` of the scene index in a subprocess; yields its base URL."""
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    with serve_process(scene_index, random_models["joint"], log) as url:
+        yield url

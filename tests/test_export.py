@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import INFERENCE_OVERRIDES
+from model_fixtures import he_init
 
 from psearch.cli import main
+from psearch.inference.index import weights_fingerprint
 from psearch.inference.loading import load_joint
 from psearch.serving.export import ExportedModel, export_net
 
@@ -22,17 +24,9 @@ QUERY_BOXES = np.array([[10, 12, 40, 88], [50, 5, 84, 80]], np.float32)
 
 @pytest.fixture(scope="module")
 def net(random_models, inference_params):
-    """The random joint net with He-initialised trunk, RoI head and scores (gain 0.9): the
-    stored init gives every detection the same score, and NMS breaks such ties by order."""
+    """The random joint net, He-initialised (distinct scores, so NMS has no ties to order)."""
     model, _ = load_joint(str(random_models["joint"]), inference_params, torch.device("cpu"))
-    generator = torch.Generator().manual_seed(0)
-    layers = [*model.backbone.modules(), *model.roi_head.modules(), model.det_score]
-    with torch.no_grad():
-        for layer in [*layers, model.rpn.head.cls_logits]:
-            if isinstance(layer, (torch.nn.Conv2d, torch.nn.Linear)):
-                std = 0.9 * (2 / layer.weight[0].numel()) ** 0.5
-                layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) * std)
-    return model
+    return he_init(model)
 
 
 @pytest.fixture(scope="module", params=["onnx", "torchscript"])
@@ -70,6 +64,11 @@ def test_exported_graph_matches_pytorch(net, exported, size):
     assert (1 - (query * ref_query).sum(1)).max() <= 1e-4
     # Boxes beyond the trace's 120 x 160 stay: the image size is not a constant of the graph.
     assert boxes[:, 2].max() <= size[1] + 1e-3 and boxes[:, 3].max() <= size[0] + 1e-3
+
+
+def test_export_records_the_source_weights(net, exported):
+    assert exported.meta["fingerprint"] == weights_fingerprint(net)
+    assert exported.meta["feat_dim"] == net.feat_dim
 
 
 def test_no_query_boxes(exported):

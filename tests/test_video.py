@@ -1,9 +1,11 @@
-"""Video footage as a gallery: frame sampling, extract --video, search/index/serve timestamps.
+"""Video footage as a gallery: frame sampling, extract --video, search/index/serve timestamps,
+and the planted person found.
 
-The footage is a short clip of a synthetic scene (psearch.synth drawing), encoded with PyAV,
-with one person planted in known frames. The fixture models are random-init: their re-id
-features do not tell people apart, so these tests check where frames come from and that every
-answer carries the right frame and time, not that the planted person ranks first.
+The footage (tests/video_fixtures.py) is a short clip of a synthetic street, encoded with PyAV,
+with one person planted in known frames and another in others. Most tests use the random-init
+fixture model, whose re-id features do not tell people apart: they check where frames come
+from and that every answer carries the right frame and time. The ranking test uses a model
+trained in under a minute on other frames of the same street (tests/video_fixtures.py).
 """
 
 from __future__ import annotations
@@ -12,13 +14,13 @@ import io
 import json
 from pathlib import Path
 
-import av
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from conftest import INFERENCE_OVERRIDES
 from fastapi.testclient import TestClient
-from PIL import Image, ImageDraw
+from PIL import Image
+from video_fixtures import FPS, FRAMES, OTHER_FRAMES, PLANTED, PLANTED_BOX, SIZE
 
 from psearch.cli import main
 from psearch.data.manifest import gallery_detections_schema
@@ -35,52 +37,6 @@ from psearch.inference.video import (
 from psearch.inference.video_extract import extract_video
 from psearch.serving.app import create_app
 from psearch.serving.service import SearchService
-from psearch.synth.drawing import background, draw_person, identity_look
-from psearch.synth.layout import Figure
-
-FPS, FRAMES, SIZE = 4, 12, (160, 120)
-PLANTED = range(4, 8)  # frames (1.0 s to 1.75 s) holding the planted person
-PLANTED_BOX = (44, 20, 34, 90)  # x, y, w, h in frame 5 (the query frame)
-
-
-def _person(box, identity: int) -> Figure:
-    return Figure(box, identity, look_seed=0, mirror=False, pose=0.5, light=(1.0, 1.0, 1.0))
-
-
-def _scenes() -> list[Image.Image]:
-    """A fixed street; the planted person walks right through frames 4-7, another person
-    stands at the right in frames 0, 1, 9 and 10."""
-    street = background(np.random.default_rng(1), *SIZE)
-    frames = []
-    for index in range(FRAMES):
-        scene = street.copy()
-        draw = ImageDraw.Draw(scene)
-        if index in PLANTED:
-            x = PLANTED_BOX[0] + 4 * (index - 5)
-            draw_person(draw, _person((x, *PLANTED_BOX[1:]), 0), identity_look(0, 0))
-        if index in (0, 1, 9, 10):
-            draw_person(draw, _person((110, 25, 30, 85), 1), identity_look(0, 1))
-        frames.append(scene)
-    return frames
-
-
-def _encode(scenes: list[Image.Image], path: Path) -> None:
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=FPS)
-        stream.width, stream.height, stream.pix_fmt = *SIZE, "yuv420p"
-        stream.options = {"qscale": "2"}  # near-lossless: the planted person stays sharp
-        for scene in scenes:
-            container.mux(stream.encode(av.VideoFrame.from_image(scene)))
-        container.mux(stream.encode())
-
-
-@pytest.fixture(scope="module")
-def footage(tmp_path_factory) -> dict[str, Path]:
-    base = tmp_path_factory.mktemp("footage")
-    scenes = _scenes()
-    _encode(scenes, base / "street.mp4")
-    scenes[5].save(base / "query.png")
-    return {"video": base / "street.mp4", "query": base / "query.png", "base": base}
 
 
 @pytest.fixture(scope="module")
@@ -257,3 +213,32 @@ def test_a_query_taken_from_a_frame_of_footage(
         assert main(["search", "--query", str(footage["video"]), *extra, *common]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and "\n" not in err and fragment in err, err
+
+
+def _settings() -> list[str]:
+    return [item for override in INFERENCE_OVERRIDES for item in ("--set", override)]
+
+
+@pytest.mark.slow
+def test_the_planted_person_ranks_first(footage, street_model, tmp_path, capsys):
+    """`psearch extract --video`, then `psearch search` with a box on the planted person in
+    frame 5 of the footage, every detection competing (--det-thresh 0): the four frames
+    holding them rank first, at their times, above the other person's frames."""
+    dets = tmp_path / "dets"
+    extract = ["extract", "--video", str(footage["video"]), "--every-frames", "1"]
+    assert main([*extract, "--model", str(street_model), "--out", str(dets), *_settings()]) == 0
+    box = ",".join(str(v) for v in PLANTED_BOX)
+    query = ["--query", str(footage["video"]), "--query-time", str(5 / FPS), "--box", box]
+    argv = ["search", *query, "--model", str(street_model), "--gallery", str(dets)]
+    argv += ["--det-thresh", "0", "--top-k", str(FRAMES), "--format", "json"]
+    capsys.readouterr()
+    assert main([*argv, *_settings()]) == 0
+    matches = json.loads(capsys.readouterr().out)["matches"]
+    top, rest = matches[: len(PLANTED)], matches[len(PLANTED) :]
+    assert sorted(m["frame"] for m in top) == list(PLANTED), matches
+    assert sorted(m["time_s"] for m in top) == [f / FPS for f in PLANTED]
+    for m in top:  # the match is the planted person, not another box of those frames
+        x1 = PLANTED_BOX[0] + 4 * (m["frame"] - 5)
+        assert x1 <= (m["box"][0] + m["box"][2]) / 2 <= x1 + PLANTED_BOX[2], m
+    assert set(OTHER_FRAMES) <= {m["frame"] for m in rest}  # found, and ranked below
+    assert max(m["similarity"] for m in rest) < min(m["similarity"] for m in top)

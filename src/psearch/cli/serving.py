@@ -50,7 +50,8 @@ def _serve(args) -> int:
     snapshot = service.current
     print(
         f"serving {len(snapshot.index)} detections of {len(snapshot.index.images)} images "
-        f"with model {snapshot.model_version} on http://{args.host}:{args.port}/",
+        f"with model {snapshot.model_version} ({snapshot.runtime}) "
+        f"on http://{args.host}:{args.port}/",
         file=sys.stderr,
     )
     try:
@@ -101,7 +102,8 @@ def add_commands(subparsers, common) -> None:
         "/version, OpenAPI at /docs) and a search page at /, over one index and one model. "
         "A registry alias (models:/NAME@ALIAS) is re-read every --reload-interval seconds "
         "(and on POST /reload); when it moves, or the index is rebuilt, the new model or index "
-        "is loaded and swapped in without dropping a request.",
+        "is loaded and swapped in without dropping a request. GET /version names the runtime "
+        "that computes query features (pytorch, onnxruntime or torchscript).",
     )
     p.add_argument(
         "--index", default=DEFAULT_INDEX, metavar="INDEX", help=f"default: {DEFAULT_INDEX}"
@@ -110,7 +112,8 @@ def add_commands(subparsers, common) -> None:
         "--model",
         default=DEFAULT_MODEL,
         metavar="MODEL",
-        help=f"model URI or file (default: {DEFAULT_MODEL})",
+        help="model URI or file; a .onnx file from psearch export runs on onnxruntime (CPU), "
+        f"a TorchScript one on torch.jit (default: {DEFAULT_MODEL})",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="default: 8000")

@@ -7,6 +7,10 @@ from the network, with the same test-time settings (resize, proposals, score thr
     query_boxes  float32 [K, 4], x1 y1 x2 y2 in image pixels (K may be 0)
     -> boxes [N, 4] (image pixels), scores [N], features [N, D], query_features [K, D]
 
+Each file carries what it was made from (the source weights' fingerprint, the feature size)
+as metadata: ONNX metadata_props["psearch"], TorchScript extra file "psearch.json". A server
+on the exported file can then tell whether an index was built by the same weights.
+
 Both formats are traced with torch.onnx's TorchScript-based exporter (`dynamo=False`,
 opset 17) / `torch.jit.trace`: torch.export (the dynamo exporter) stops at torchvision's
 batched NMS, whose output size depends on the data. ONNX needs only onnxruntime to run;
@@ -18,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +34,17 @@ from torch import nn
 from torch.onnx import operators
 from torchvision.models.detection.image_list import ImageList
 
+from psearch import __version__
 from psearch.atomic import atomic_file
 from psearch.errors import PsearchError
+from psearch.inference.index import weights_fingerprint
 from psearch.tracking import tracking_uri
 
 FORMATS = ("onnx", "torchscript")
 INPUT_NAMES = ("image", "query_boxes")
 OUTPUT_NAMES = ("boxes", "scores", "features", "query_features")
 OPSET = 17
+META_KEY = "psearch"  # ONNX metadata_props key; TorchScript extra file META_KEY + ".json"
 # The trace's example: an image of two different sides and two query boxes.
 EXAMPLE_SIZE = (120, 160)
 
@@ -153,6 +161,11 @@ def export_net(net: nn.Module, fmt: str, out: Path) -> dict[str, Any]:
     # eval() on the wrapper too: the exporter restores the wrapper's mode (and so the net's).
     graph = SearchGraph(net.cpu()).eval()
     example = _example()
+    meta = {
+        "fingerprint": weights_fingerprint(net),
+        "feat_dim": int(net.feat_dim),
+        "psearch": __version__,
+    }
     started = time.perf_counter()
     with atomic_file(out) as tmp, _tensor_sized_clipping(), torch.no_grad():
         if fmt == "onnx":
@@ -169,9 +182,10 @@ def export_net(net: nn.Module, fmt: str, out: Path) -> dict[str, Any]:
                 output_names=list(OUTPUT_NAMES),
                 dynamic_axes=axes,
             )
+            _add_onnx_metadata(tmp, meta)
         else:
             traced = torch.jit.trace(graph, example, check_trace=False)
-            torch.jit.save(traced, str(tmp))
+            torch.jit.save(traced, str(tmp), _extra_files={f"{META_KEY}.json": json.dumps(meta)})
     return {
         "format": fmt,
         "out": str(out),
@@ -180,28 +194,77 @@ def export_net(net: nn.Module, fmt: str, out: Path) -> dict[str, Any]:
         "inputs": list(INPUT_NAMES),
         "outputs": list(OUTPUT_NAMES),
         "opset": OPSET if fmt == "onnx" else None,
-        "feat_dim": int(net.feat_dim),
+        **meta,
     }
 
 
-class ExportedModel:
-    """Run an exported file: `model(image [3,H,W] float32 0..1, boxes [K,4])` -> four arrays."""
+def _add_onnx_metadata(path: Path, meta: dict[str, Any]) -> None:
+    import onnx  # lazy: only writing an ONNX file needs the onnx package
 
-    def __init__(self, path: str | Path) -> None:
+    model = onnx.load(str(path))
+    onnx.helper.set_model_props(model, {META_KEY: json.dumps(meta)})
+    onnx.save(model, str(path))
+
+
+def exported_format(path: str | Path) -> str | None:
+    """'onnx' (by the .onnx suffix), 'torchscript' (a TorchScript archive: a zip with
+    constants.pkl and code/), or None (anything else, e.g. a psearch state-dict file)."""
+    path = Path(path)
+    if path.suffix.lower() == ".onnx":
+        return "onnx"
+    if not path.is_file() or not zipfile.is_zipfile(path):
+        return None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except zipfile.BadZipFile as exc:
+        raise PsearchError(f"{path}: a damaged model file ({exc})") from None
+    has_code = any("/code/" in name for name in names)
+    return "torchscript" if has_code and any(n.endswith("/constants.pkl") for n in names) else None
+
+
+class ExportedModel:
+    """Run an exported file: `model(image [3,H,W] float32 0..1, boxes [K,4])` -> four arrays.
+
+    `runtime` says what runs it ('onnxruntime' on the CPU, or 'torchscript'); `meta` is what
+    the export recorded (fingerprint, feat_dim; empty for a file from before it did)."""
+
+    def __init__(self, path: str | Path, threads: int | None = None) -> None:
         path = Path(path)
         if not path.is_file():
             raise PsearchError(f"{path}: exported model not found")
+        self.path = path
         self.format = "onnx" if path.suffix.lower() == ".onnx" else "torchscript"
-        if self.format == "onnx":
-            import onnxruntime  # lazy: only ONNX runs need it (about 0.3 s to import)
+        try:
+            self.meta = self._open_onnx(threads) if self.format == "onnx" else self._open_script()
+        except Exception as exc:  # noqa: BLE001
+            # onnxruntime and torch.jit raise their own types, with pages of context.
+            first = next(iter(str(exc).strip().splitlines()), "") or type(exc).__name__
+            raise PsearchError(f"{path}: not a readable {self.format} model ({first})") from None
+        self.runtime = "onnxruntime" if self.format == "onnx" else "torchscript"
 
-            options = onnxruntime.SessionOptions()
-            options.log_severity_level = 3  # no warnings about unused initialisers
-            self._session = onnxruntime.InferenceSession(
-                str(path), options, providers=["CPUExecutionProvider"]
-            )
-        else:
-            self._module = torch.jit.load(str(path), map_location="cpu").eval()
+    def _open_onnx(self, threads: int | None) -> dict[str, Any]:
+        import onnxruntime  # lazy: only ONNX runs need it (about 0.3 s to import)
+
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = 3  # no warnings about unused initialisers
+        if threads:
+            options.intra_op_num_threads = threads
+        self._session = onnxruntime.InferenceSession(
+            str(self.path), options, providers=["CPUExecutionProvider"]
+        )
+        names = [i.name for i in self._session.get_inputs()]
+        if names != list(INPUT_NAMES):
+            raise ValueError(f"inputs {names}, expected {list(INPUT_NAMES)} (psearch export)")
+        text = self._session.get_modelmeta().custom_metadata_map.get(META_KEY)
+        return json.loads(text) if text else {}
+
+    def _open_script(self) -> dict[str, Any]:
+        extra = {f"{META_KEY}.json": ""}
+        self._module = torch.jit.load(str(self.path), map_location="cpu", _extra_files=extra)
+        self._module.eval()
+        text = extra[f"{META_KEY}.json"]
+        return json.loads(text) if text else {}
 
     def __call__(self, image: np.ndarray, query_boxes: np.ndarray | None = None):
         image = np.ascontiguousarray(image, dtype=np.float32)
@@ -212,6 +275,16 @@ class ExportedModel:
         with torch.no_grad():
             outputs = self._module(torch.from_numpy(image), torch.from_numpy(boxes))
         return tuple(o.numpy() for o in outputs)
+
+    def query_features(self, image: np.ndarray, query_boxes: np.ndarray) -> np.ndarray:
+        """[K, D] features of the boxes: the query path of a server. onnxruntime is asked
+        for that output alone; TorchScript runs the whole graph."""
+        if self.format != "onnx":
+            return self(image, query_boxes)[3]
+        image = np.ascontiguousarray(image, dtype=np.float32)
+        boxes = np.ascontiguousarray(query_boxes, dtype=np.float32).reshape(-1, 4)
+        feeds = {"image": image, "query_boxes": boxes}
+        return self._session.run([OUTPUT_NAMES[3]], feeds)[0]
 
 
 def export(model: str, fmt: str, out: Path, params) -> dict[str, Any]:

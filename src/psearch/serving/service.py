@@ -5,6 +5,11 @@ built; every request takes the current snapshot once and uses only it. `SearchSe
 builds a new snapshot off to the side when the model's source moved (the registry alias now
 names another version, or a local model file changed) or the index directory was rebuilt, then
 swaps the reference: requests in flight finish on the old one, none is dropped or mixed.
+
+The model is a psearch model (file, directory or MLflow URI; run by PyTorch), or a file from
+`psearch export`: a .onnx file runs on onnxruntime (CPU), a TorchScript archive on torch.jit.
+Either answers the query path (a box's feature) with the same weights as the PyTorch net;
+an exported graph keeps the test-time settings (resize) it was exported with.
 """
 
 from __future__ import annotations
@@ -21,10 +26,12 @@ import torch
 
 from psearch import __version__
 from psearch.config import Params
+from psearch.errors import PsearchError
 from psearch.inference import engine
 from psearch.inference.index import INDEX_JSON, GalleryIndex, weights_fingerprint
 from psearch.inference.loading import load_idnet, load_joint, resolve_device
 from psearch.models.io import resolve_model_file
+from psearch.serving.export import ExportedModel, exported_format
 from psearch.tracking import tracking_uri
 
 log = logging.getLogger("psearch.serve")
@@ -91,6 +98,7 @@ class Snapshot:
     source_key: str
     fingerprint: str
     joint: Any
+    runtime: str = "pytorch"
     idnet: Any = None
     crop_size: tuple[int, int] | None = None
     loaded_at: float = field(default_factory=time.time)
@@ -114,6 +122,7 @@ class Snapshot:
                 "uri": self.model_uri,
                 "version": self.model_version,
                 "fingerprint": self.fingerprint,
+                "runtime": self.runtime,
             },
             "index": {
                 "path": str(self.index.path),
@@ -151,17 +160,23 @@ class SearchService:
     def _load(self, version: str, uri: str, index: GalleryIndex | None = None) -> Snapshot:
         stamp = index_stamp(self.index_path)
         index = index or GalleryIndex(self.index_path)
-        joint, _ = load_joint(uri, self.params, self.device)
         idnet, crop = None, None
-        if index.meta.get("features") == "idnet":
-            idnet, crop = load_idnet(index.meta["idnet"], self.params, self.device)
+        if is_local(uri) and exported_format(uri):
+            joint = _load_exported(Path(uri), index)
+            runtime, fingerprint = joint.runtime, joint.meta.get("fingerprint", "unknown")
+        else:
+            joint, _ = load_joint(uri, self.params, self.device)
+            runtime, fingerprint = "pytorch", weights_fingerprint(joint)
+            if index.meta.get("features") == "idnet":
+                idnet, crop = load_idnet(index.meta["idnet"], self.params, self.device)
         snapshot = Snapshot(
             index=index,
             index_stamp=stamp,
             model_uri=uri,
             source_key=version,
-            fingerprint=weights_fingerprint(joint),
+            fingerprint=fingerprint,
             joint=joint,
+            runtime=runtime,
             idnet=idnet,
             crop_size=crop,
         )
@@ -215,6 +230,10 @@ class SearchService:
     def query_feature(self, snapshot: Snapshot, image: torch.Tensor, box_xyxy) -> np.ndarray:
         """The feature of one box in a uint8 [3, H, W] image, as the index's features were made."""
         boxes = [np.asarray([box_xyxy], np.float32)]
+        if isinstance(snapshot.joint, ExportedModel):
+            pixels = image.numpy().astype(np.float32) / 255  # as engine.as_float
+            with self._forward:
+                return snapshot.joint.query_features(pixels, boxes[0])[0]
         if snapshot.idnet is not None:
             step = engine.idnet_box_step(snapshot.idnet, boxes, snapshot.crop_size, self.amp)
         else:
@@ -222,3 +241,17 @@ class SearchService:
         with self._forward:
             (features,) = step([0], [image.to(self.device)])
         return features[0]
+
+
+def _load_exported(path: Path, index: GalleryIndex) -> ExportedModel:
+    """An exported model that can answer queries over `index`, else a one-line error."""
+    if index.meta.get("features") == "idnet":
+        raise PsearchError(
+            f"{path}: the index holds IDNet features (Deep + IDNet), which an exported joint "
+            "model does not compute; serve it with the psearch models"
+        )
+    model = ExportedModel(path)
+    dim = model.meta.get("feat_dim")
+    if dim is not None and dim != index.dim:
+        raise PsearchError(f"{path}: gives {dim}-d features but the index holds {index.dim}-d")
+    return model

@@ -61,7 +61,9 @@ async function loadGallery() {
       button.type = "button";
       button.dataset.imageId = image.image_id;
       button.setAttribute("aria-pressed", "false");
-      button.setAttribute("aria-label", `gallery image ${image.image_id}, ${image.detections} detections`);
+      const where = image.video == null ? "" : `, ${placeText(image)}`;
+      button.setAttribute("aria-label", `gallery image ${image.image_id}${where}, ${image.detections} detections`);
+      button.title = placeText(image);
       const thumb = document.createElement("img");
       thumb.src = image.url;
       thumb.alt = "";
@@ -244,7 +246,8 @@ async function runSearch() {
   }
 }
 
-// "cam1.mp4 @ 0:12.50" for a video frame, "image 17" for an image file.
+// "cam1.mp4 @ 0:12.50 (frame 300)" for a video frame (a match or a gallery image),
+// "image 17" for an image file.
 function placeText(match) {
   if (match.video == null) return `image ${match.image_id}`;
   const name = match.video.split(/[\\/]/).pop();
