@@ -88,8 +88,9 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    # rss: random sampling softmax (the paper); softmax: the ablation baseline; oim: follow-up.
-    reid_loss: Literal["rss", "softmax", "oim"] = "rss"
+    # rss: random sampling softmax (the paper); softmax: the ablation baseline; oim: follow-up;
+    # none: no identity loss, the detector alone (the paper's separately trained "Deep").
+    reid_loss: Literal["rss", "softmax", "oim", "none"] = "rss"
     rss_k: int = 100
     # rss/softmax: the L2-normalised fc8 feature is multiplied by this before the identity
     # classifier. Unit-norm inputs bound the logits by the weights' norms, so with s = 1 the
