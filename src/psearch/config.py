@@ -27,7 +27,7 @@ from psearch.errors import PsearchError
 class DataConfig:
     """The synthetic dataset written by `psearch synth` (the `synth` DVC stage)."""
 
-    preset: Literal["tiny", "demo", "full", "paper-scale"] = "demo"
+    preset: Literal["tiny", "demo", "full", "paper-scale", "paper-demo", "many-ids"] = "demo"
     seed: int = 0
 
 

@@ -15,7 +15,7 @@ def add_commands(subparsers, common: argparse.ArgumentParser) -> None:
     add_out(p, "ROOT", "dataset root to write", type=Path)
     p.add_argument(
         "--preset",
-        choices=["tiny", "demo", "full", "paper-scale"],
+        choices=["tiny", "demo", "full", "paper-scale", "paper-demo", "many-ids"],
         default=None,
         help="size (default: data.preset)",
     )
