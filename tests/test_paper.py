@@ -10,7 +10,7 @@ import pytest
 from psearch.cli import main as cli_main
 from psearch.experiments import published
 from psearch.experiments.cache import STEP_FILE, RunCache
-from psearch.experiments.report import render
+from psearch.experiments.report import render, write_report
 
 # A few optimiser steps at the tiny preset's resolution: the plumbing, not the accuracy.
 TINY = [
@@ -185,7 +185,7 @@ def test_a_step_with_other_params_or_inputs_is_run_again(tmp_path):
     assert not cache.run("train", {"lr": 0.1}, ["data-a"], lambda d: None).cached
 
 
-def test_the_orderings_are_judged_from_the_numbers():
+def test_the_orderings_are_judged_from_the_numbers(tmp_path):
     def run(m, **subsets):
         search = {"gallery_50": {"mAP": m + 0.05, "top1": m, "queries": 10}}
         search["gallery_100"] = {"mAP": m, "top1": m, "queries": 10}
@@ -193,7 +193,10 @@ def test_the_orderings_are_judged_from_the_numbers():
         return {"metrics": {"search": search, "detection": {"ap": 0.5, "recall": 0.6}}}
 
     def training(loss):
-        return {"run": {"final_loss_reid": loss, "final_acc_reid": 0.5, "steps": 3}}
+        history = [{"step": 1.0, "loss_reid": loss + 1, "acc_reid": 0.1}]
+        history += [{"step": 2.0, "loss_reid": loss, "acc_reid": 0.5}]
+        run = {"final_loss_reid": loss, "final_acc_reid": 0.5, "steps": 2}
+        return {"run": run, "history": history}
 
     runs = {
         "joint": run(0.5, occlusion=0.3, low_resolution=0.6),
@@ -208,10 +211,21 @@ def test_the_orderings_are_judged_from_the_numbers():
         "runs": runs,
         "trainings": {"rss": training(1.0), "softmax": training(2.0)},
     }
-    report = render({"legs": {"main": leg}, "steps": [], "mlflow_parent_run": None})
+    more = {
+        **leg,
+        "dataset": "synthetic preset y",
+        "train_identities": 3000,
+        "runs": {"joint": run(0.3), "softmax": run(0.2)},
+    }
+    results = {"legs": {"main": leg, "more_ids": more}, "steps": [], "mlflow_parent_run": None}
+    report = write_report(results, tmp_path).read_text()
+    assert report == render(results)
+    assert (tmp_path / "fig6_rss_vs_softmax.png").stat().st_size > 0
+    assert "| 3000 | synthetic preset y | rss |" in report
     lines = {line.split(":")[0]: line for line in report.splitlines() if line.startswith("- ")}
     assert "**holds**" in lines["- GT boxes ≥ joint ≥ two-stage (mAP, gallery_100)"]
-    assert "**holds**" in next(v for k, v in lines.items() if k.startswith("- RSS"))
+    rss = next(v for k, v in lines.items() if k.startswith("- RSS"))
+    assert "**holds**" in rss and "at 3000 identities" in rss
     assert "**holds**" in lines["- mAP falls as the gallery grows (joint net)"]
     # Low resolution above the whole set: the paper's claim fails on these numbers.
     assert "**does not hold**" in next(v for k, v in lines.items() if k.startswith("- Occlusion"))

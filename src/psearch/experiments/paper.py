@@ -14,7 +14,9 @@ For a dataset (a synthetic preset, or given manifests) and a recipe (params.yaml
   training identities): synth, ingest, pretrain, RSS and softmax trainings, their evaluations.
 
 Every step is a stage function writing its normal output, in a directory keyed on its inputs
-and params (psearch.experiments.cache), so a re-run skips what is finished. With tracking on,
+and params (psearch.experiments.cache), so a re-run skips what is finished, and a training
+killed midway continues from its newest checkpoint (`--resume`: only one made with the same
+settings). With tracking on,
 every stage's MLflow run is a child of one parent run for the report directory (reused by a
 re-run). `run_paper` returns the results that report.py writes up.
 """
@@ -139,7 +141,7 @@ def _leg(
         "pretrain",
         pretrain_settings,
         [data_key],
-        lambda d: stages.pretrain(manifests, d, params),
+        lambda d: stages.pretrain(manifests, d, params, resume=True),
     )
     trainings: dict[str, StepResult] = {}
     for name in dict.fromkeys(training for training, _, _ in runs.values()):
@@ -148,7 +150,9 @@ def _leg(
             f"train-{name}",
             {"model": to_dict(recipe.model), "train": to_dict(recipe.train)},
             [data_key, idnet.key],
-            lambda d, recipe=recipe: stages.train(manifests, d, recipe, init=idnet.directory),
+            lambda d, recipe=recipe: stages.train(
+                manifests, d, recipe, init=idnet.directory, resume=True
+            ),
         )
     results: dict[str, Any] = {}
     for label, (training, boxes, features) in runs.items():
