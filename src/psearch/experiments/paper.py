@@ -211,7 +211,10 @@ def _dataset(
     """(manifests, their key for the steps that read them, a description)."""
     if options.manifests is not None:
         manifests = Path(options.manifests)
-        return manifests, f"manifests:{data_version(manifests)}", {"dataset": str(manifests)}
+        version = data_version(manifests)
+        if version == "unknown":  # no content hash recorded: the place stands in for it
+            version = str(manifests.resolve())
+        return manifests, f"manifests:{version}", {"dataset": str(manifests)}
     data = dataclasses.replace(params.data, preset=options.preset or params.data.preset)
     raw = cache.run("synth", {"data": to_dict(data)}, [], lambda d: stages.synth(d, data))
     ingested = cache.run(
