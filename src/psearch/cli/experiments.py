@@ -6,9 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from psearch.cli.common import add_command, load_params_from_args
-
-PRESETS = ["tiny", "demo", "full", "paper-scale", "paper-demo", "many-ids"]
+from psearch.cli.common import PRESETS, add_command, load_params_from_args
 
 
 def add_commands(subparsers, common: argparse.ArgumentParser) -> None:
