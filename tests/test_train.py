@@ -225,6 +225,7 @@ def test_resume_ends_with_the_same_weights(tiny_manifests, tmp_path, stage, monk
         return fast_params(
             f"{stage}.max_steps={max_steps}",
             f"{stage}.checkpoint_every=3",
+            f"{stage}.log_every=3",
             f"{stage}.epochs=3",
             "model.min_size=96",  # exactness does not need the full resolution
             "model.max_size=128",
@@ -243,6 +244,11 @@ def test_resume_ends_with_the_same_weights(tiny_manifests, tmp_path, stage, monk
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+    # The log windows before the stop come back from the checkpoint: the same curves.
+    straight, resumed = (
+        (tmp_path / d / "history.csv").read_text() for d in ("straight", "resumed")
+    )
+    assert straight == resumed and len(straight.splitlines()) == 3  # header, steps 3 and 6
 
 
 @pytest.mark.slow
