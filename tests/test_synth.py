@@ -124,7 +124,7 @@ def test_truth_file_matches_plan(tiny_dataset):
     assert truth["summary"]["zero_size_boxes"] >= 2
 
 
-@pytest.mark.parametrize("preset", ["tiny", "demo", "paper-scale"])
+@pytest.mark.parametrize("preset", ["tiny", "demo", "paper-scale", "paper-demo", "many-ids"])
 def test_scene_statistics_make_the_task_learnable_and_hard(preset):
     plan = plan_dataset(preset, 0)
     cfg = PRESETS[preset]
@@ -162,6 +162,12 @@ def test_presets_have_the_promised_sizes():
     assert full.train_images + full.test_images == 18184
     assert (full.train_ids, full.test_ids) == (5532, 2900)
     assert full.gallery_sizes == (50, 100, 500, 1000, 2000, 4000)
+    # psearch paper's data: Fig. 7(b) needs four galleries, Fig. 6 thousands of identities;
+    # the demo keeps its own (make demo's metrics depend on it).
+    paper, many = PRESETS["paper-demo"], PRESETS["many-ids"]
+    assert paper.gallery_sizes == (50, 100, 200, 500) and paper.test_images > 500
+    assert (paper.train_images, paper.train_ids, paper.width) == (320, 160, 400)
+    assert many.train_ids >= 3000 and demo.gallery_sizes == (50, 100)
 
 
 def test_paper_scale_has_cuhk_sysu_resolutions_heights_and_galleries():

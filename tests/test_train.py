@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -93,8 +94,14 @@ def _client(trained):
 @pytest.mark.slow
 def test_outputs_and_run_json(trained):
     tmp = trained["tmp"]
-    assert sorted(p.name for p in (tmp / "pretrain").iterdir()) == ["idnet.pt", "run.json"]
-    assert sorted(p.name for p in (tmp / "train").iterdir()) == ["model.pt", "run.json"]
+    files = ["history.csv", "run.json"]
+    assert sorted(p.name for p in (tmp / "pretrain").iterdir()) == sorted(["idnet.pt", *files])
+    assert sorted(p.name for p in (tmp / "train").iterdir()) == sorted(["model.pt", *files])
+    with open(tmp / "train" / "history.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    # train.log_every=2 over 12 steps: one row per window, the losses the MLflow run has too.
+    assert [int(r["step"]) for r in rows] == [2, 4, 6, 8, 10, 12]
+    assert {"loss", "loss_reid", "acc_reid", "lr"} <= set(rows[0])
     info = json.loads((tmp / "train" / "run.json").read_text())
     # The execution's facts are returned (and in MLflow), never in run.json: a DVC output
     # must hash alike on every run.
@@ -218,6 +225,7 @@ def test_resume_ends_with_the_same_weights(tiny_manifests, tmp_path, stage, monk
         return fast_params(
             f"{stage}.max_steps={max_steps}",
             f"{stage}.checkpoint_every=3",
+            f"{stage}.log_every=3",
             f"{stage}.epochs=3",
             "model.min_size=96",  # exactness does not need the full resolution
             "model.max_size=128",
@@ -236,6 +244,11 @@ def test_resume_ends_with_the_same_weights(tiny_manifests, tmp_path, stage, monk
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+    # The log windows before the stop come back from the checkpoint: the same curves.
+    straight, resumed = (
+        (tmp_path / d / "history.csv").read_text() for d in ("straight", "resumed")
+    )
+    assert straight == resumed and len(straight.splitlines()) == 3  # header, steps 3 and 6
 
 
 @pytest.mark.slow
@@ -450,3 +463,23 @@ def test_batch_norm_statistics_are_recomputed_after_training(tiny_manifests, tmp
     assert tracked and all(int(v) == batches for v in tracked)
     means = [v for k, v in state.items() if k.endswith("running_mean")]
     assert max(float(m.abs().max()) for m in means) > 0.05  # far from the zero init
+
+
+def test_detector_only_training_has_no_identity_loss(tiny_manifests, tmp_path):
+    """train.loss.reid_loss none: the paper's separately trained "Deep" detector. Its
+    identity loss is zero, and extraction refuses its (untrained) re-id features."""
+    from psearch import stages
+
+    params = fast_params(
+        "train.loss.reid_loss=none", "train.max_steps=4", "train.log_every=2", "train.epochs=1"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no --init: the generic-initialisation warning
+        info = stages.train(tiny_manifests, tmp_path / "det", params)
+    assert info["final_loss_reid"] == 0.0 and info["final_loss_det"] > 0.0
+    model = torch.load(tmp_path / "det" / "model.pt", weights_only=False)
+    assert model["loss_config"]["reid_loss"] == "none"
+    with pytest.raises(PsearchError, match="detector-only model has no re-id features"):
+        stages.extract(tiny_manifests, str(tmp_path / "det"), tmp_path / "dets", params)
+    with pytest.raises(PsearchError, match="nothing to learn"):
+        stages.pretrain(tiny_manifests, tmp_path / "idnet", params)

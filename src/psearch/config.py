@@ -27,7 +27,7 @@ from psearch.errors import PsearchError
 class DataConfig:
     """The synthetic dataset written by `psearch synth` (the `synth` DVC stage)."""
 
-    preset: Literal["tiny", "demo", "full", "paper-scale"] = "demo"
+    preset: Literal["tiny", "demo", "full", "paper-scale", "paper-demo", "many-ids"] = "demo"
     seed: int = 0
 
 
@@ -88,8 +88,9 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    # rss: random sampling softmax (the paper); softmax: the ablation baseline; oim: follow-up.
-    reid_loss: Literal["rss", "softmax", "oim"] = "rss"
+    # rss: random sampling softmax (the paper); softmax: the ablation baseline; oim: follow-up;
+    # none: no identity loss, the detector alone (the paper's separately trained "Deep").
+    reid_loss: Literal["rss", "softmax", "oim", "none"] = "rss"
     rss_k: int = 100
     # rss/softmax: the L2-normalised fc8 feature is multiplied by this before the identity
     # classifier. Unit-norm inputs bound the logits by the weights' norms, so with s = 1 the

@@ -2,8 +2,8 @@
 
 One module per command group adds its subcommands: data (synth, ingest), train (pretrain,
 train), inference (extract, extract-merge, report, search), evaluation (evaluate), registry
-(register, promote), serving (index, serve), export, recipes (config: the named recipes)
-and pipeline (forwarded to the Kubeflow wing); common holds what they
+(register, promote), serving (index, serve), export, recipes (config: the named recipes),
+experiments (paper: the paper's experiments in one command) and pipeline (forwarded to the Kubeflow wing); common holds what they
 share. Importing the command line stays light (no torch, mlflow or matplotlib, so `psearch
 evaluate` and `--help` start fast): the handlers that run a torch stage import psearch.stages
 when they run. User errors print one line, `error: ...`, and exit 2; `--debug` shows the
@@ -18,6 +18,7 @@ from psearch import __version__
 from psearch.cli import (
     data,
     evaluation,
+    experiments,
     export,
     inference,
     pipeline,
@@ -41,6 +42,7 @@ COMMAND_GROUPS = [
     registry,
     serving,
     export,
+    experiments,
     pipeline,
 ]
 

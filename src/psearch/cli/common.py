@@ -10,14 +10,17 @@ import dataclasses
 import json
 import os
 import sys
+import typing
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
-from psearch.config import Params, load_params
+from psearch.config import DataConfig, Params, load_params
 from psearch.errors import PsearchError
 
 Handler = Callable[[argparse.Namespace], int]
+# The synthetic presets, as data.preset's type lists them (synth and paper offer them).
+PRESETS = list(typing.get_args(typing.get_type_hints(DataConfig)["preset"]))
 
 
 def common_parser() -> argparse.ArgumentParser:

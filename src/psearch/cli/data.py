@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from psearch.cli.common import add_command, add_out, load_params_from_args, with_flags
+from psearch.cli.common import PRESETS, add_command, add_out, load_params_from_args, with_flags
 from psearch.errors import PsearchError
 
 
@@ -15,7 +15,7 @@ def add_commands(subparsers, common: argparse.ArgumentParser) -> None:
     add_out(p, "ROOT", "dataset root to write", type=Path)
     p.add_argument(
         "--preset",
-        choices=["tiny", "demo", "full", "paper-scale"],
+        choices=PRESETS,
         default=None,
         help="size (default: data.preset)",
     )

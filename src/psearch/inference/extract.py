@@ -248,6 +248,12 @@ class _Passes:
         self.params, self.device = params, device
         self.boxes, self.features = boxes, features
         self.model, _ = load_joint(model, params, device)
+        if features == "joint" and self.model.loss_settings.get("reid_loss") == "none":
+            # A detector-only model (train.loss.reid_loss none) never trained its fc8.
+            raise PsearchError(
+                f"{model}: a detector-only model has no re-id features; "
+                "use --features idnet --idnet IDNET"
+            )
         self.idnet, self.crop = (
             load_idnet(idnet, params, device) if features == "idnet" else (None, None)
         )

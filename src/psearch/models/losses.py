@@ -14,6 +14,8 @@ for ``rss`` (so it reads higher than a full-softmax accuracy would), the table a
 - ``softmax``: the plain C+1 softmax (the paper's ablation baseline).
 - ``oim``: online instance matching (the CVPR'17 follow-up): a momentum-updated lookup table of
   the C identities and a circular queue of unlabelled features, no learned classifier.
+- ``none``: no identity loss (the paper's separately trained "Deep" detector: the joint net's
+  trunk and detection heads trained alone; its fc8 features are never trained).
 """
 
 from __future__ import annotations
@@ -233,6 +235,16 @@ class OIMLoss(nn.Module):
             self.lut[label] = F.normalize(entry, dim=1)
 
 
+class NoIdentityLoss(nn.Module):
+    """No identity loss: detector-only training (``reid_loss: none``). Contributes zero and
+    no gradient, but keeps fc8 in the graph (DDP needs every parameter in it)."""
+
+    def forward(
+        self, features: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return _empty_loss(features)
+
+
 def build_reid_loss(
     *,
     reid_loss: str,
@@ -244,7 +256,7 @@ def build_reid_loss(
     oim_scalar: float = 30.0,
     oim_queue_size: int = 500,
 ) -> nn.Module:
-    """The identity loss ``reid_loss`` (rss | softmax | oim) over ``num_classes`` identities.
+    """The identity loss ``reid_loss`` (rss | softmax | oim | none) over ``num_classes`` identities.
 
     The settings are named as the params' `train.loss` section, so a caller passes that
     section's fields as keyword arguments; ``softmax_scale`` multiplies the unit feature
@@ -256,6 +268,8 @@ def build_reid_loss(
         return RandomSamplingSoftmaxLoss(num_classes, feat_dim, rss_k, softmax_scale)
     if reid_loss == "softmax":
         return SoftmaxLoss(num_classes, feat_dim, softmax_scale)
+    if reid_loss == "none":
+        return NoIdentityLoss()
     if reid_loss == "oim":
         return OIMLoss(
             num_classes,

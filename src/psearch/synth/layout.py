@@ -39,6 +39,13 @@ PRESETS: dict[str, Preset] = {
     "tiny": Preset(40, 120, 15, 24, 200, 150, (50, 100), 4),
     "demo": Preset(320, 160, 160, 80, 400, 300, (50, 100), 20),
     "full": Preset(11206, 6978, 5532, 2900, 160, 120, (50, 100, 500, 1000, 2000, 4000), 3502),
+    # `psearch paper`'s data: the demo's training split size, people and resolution, and a test
+    # split large enough for galleries 50 to 500 (the paper's Fig. 7(b) needs a curve; the
+    # demo's 160 test images stop at 100). Its own draw: not the demo's images.
+    "paper-demo": Preset(320, 520, 160, 260, 400, 300, (50, 100, 200, 500), 20),
+    # The paper's Fig. 6 at many identities (RSS against the plain softmax as C grows):
+    # 3,000 training identities on small images, so a short CPU run sees them.
+    "many-ids": Preset(4000, 120, 3000, 40, 160, 120, (50, 100), 20),
     # CUHK-SYSU's resolution: street snaps (800 x 600 either way up) and movie frames (16:9, 4:3).
     # Person heights follow a log-normal truncated to the release's annotated range [50, 500] px:
     # the release's height histograms (the paper's Fig. 2) are unimodal and right-skewed, most

@@ -167,6 +167,8 @@ class Engine:
         self.step = 0
         self.resumed_from = 0
         self.meter = _Meter()
+        # Each log window's loss_* / acc_* means and lr, by step (history.csv).
+        self.history: list[dict[str, float]] = []
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -184,6 +186,8 @@ class Engine:
             # The running means, so run.json's final metrics after a resume are those of an
             # uninterrupted run (rank 0's, which is the one that reports them).
             "meter": self.meter.state_dict(),
+            # The log windows so far, so history.csv after a resume is an uninterrupted run's.
+            "history": list(self.history),
         }
 
     def save(self) -> None:
@@ -221,6 +225,7 @@ class Engine:
         self.scaler.load_state_dict(state["scaler"])
         ckpt.set_rng_state(state["rng"][self.ctx.rank])
         self.meter.load_state_dict(state.get("meter") or {})
+        self.history = list(state.get("history") or [])
         self.step = self.resumed_from = int(state["step"])
         return True
 
@@ -335,6 +340,7 @@ class Engine:
         # checkpoint's RNG states replace it on resume.
         seed_everything(self.cfg.seed + 1000 * self.ctx.rank + 1)
         meter = self.meter = _Meter()
+        self.history = []
         if resume:
             self.try_resume()
         self._wrap_for_ddp()
@@ -404,6 +410,8 @@ class Engine:
         """The log window's means, the lr and images/s: to MLflow and the progress bar."""
         metrics = meter.window_means()
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+        # history.csv keeps what a rerun reproduces: the losses and lr, not the speed.
+        self.history.append({"step": self.step, **metrics})
         metrics["images_per_s"] = meter.window_images_per_second()
         if self.log_metrics is not None:
             self.log_metrics(metrics, self.step)

@@ -72,7 +72,14 @@ class Pretraining(TrainingStage):
     @property
     def loss(self) -> LossConfig:
         """IDNet's identity loss: pretrain.loss, else the joint net's train.loss."""
-        return self.cfg.loss if self.cfg.loss is not None else self.params.train.loss
+        loss = self.cfg.loss if self.cfg.loss is not None else self.params.train.loss
+        if loss.reid_loss == "none":
+            # An IDNet is an identity classifier: without its loss it learns nothing.
+            source = (
+                "pretrain.loss" if self.cfg.loss is not None else "train.loss (pretrain.loss null)"
+            )
+            raise PsearchError(f"{source}.reid_loss: none leaves IDNet nothing to learn")
+        return loss
 
     def build_model(self, num_classes: int) -> IDNet:
         return build_idnet(

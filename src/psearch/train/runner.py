@@ -4,12 +4,16 @@ A stage (pretrain.py, joint.py) subclasses `TrainingStage` with what differs: it
 network, forward passes and the extras it records. `TrainingStage.run` does everything
 else the same way for both: reading the manifests, seeding the initial weights, the
 checkpoint fingerprint, the stage's MLflow run (rank 0), the engine, and on rank 0 the
-output directory (model file + run.json, atomically) with its metrics and logged model.
+output directory (model file + run.json + history.csv, atomically) with its metrics and
+logged model. history.csv holds the loss, accuracy and lr of each log window by step (the
+engine's history, kept across a resume), so training curves can be drawn without a tracking
+store.
 """
 
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import logging
 import math
@@ -35,6 +39,7 @@ from psearch.train.engine import Engine, FitResult, ForwardFn, MetricsFn, seed_e
 
 log = logging.getLogger(__name__)
 RUN_FILE = "run.json"  # beside the model file: the run's summary (and a skipped stage's marker)
+HISTORY_FILE = "history.csv"  # beside the model file: each log window's metrics, by step
 # What a training execution returns but run.json leaves out: facts of that execution (MLflow
 # ids, wall time, speed, a resume) that differ between two runs with the same result.
 RUN_FACTS = (
@@ -160,6 +165,7 @@ class TrainingStage:
                         summary(result),
                         extra,
                         log_model,
+                        engine.history,
                     )
                     log.info("%s: %s", self.name, info)
                     # The output is in place: the checkpoints served only to resume this run,
@@ -234,6 +240,15 @@ def summary(result: FitResult) -> dict[str, float]:
     return out
 
 
+def write_history(path: Path, rows: list[dict[str, float]]) -> None:
+    """history.csv: one row per log window, a column per metric (blank where a window lacks it)."""
+    columns = ["step"] + sorted({key for row in rows for key in row} - {"step"})
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def write_output(
     out: Path,
     file_name: str,
@@ -243,8 +258,9 @@ def write_output(
     metrics: dict[str, float],
     extra: dict[str, Any],
     log_model: ModelLogger | None = None,
+    history: list[dict[str, float]] | None = None,
 ) -> dict[str, Any]:
-    """Write `out/<file_name>` and `out/run.json` atomically; in an MLflow run, log the
+    """Write `out/<file_name>`, `out/run.json` and `out/history.csv` atomically; in an MLflow run, log the
     metrics (as `<meta's stage>/<key>`), (with `log_model`) the model, and tag the run with
     the model file's hash. Returns run.json's content plus the facts of this execution
     (RUN_FACTS: the MLflow ids, timings, the step resumed from).
@@ -256,6 +272,7 @@ def write_output(
     info: dict[str, Any] = {"run_id": run.info.run_id if run is not None else None}
     with atomic_dir(out) as tmp:
         save_model(tmp / file_name, model, meta)
+        write_history(tmp / HISTORY_FILE, history or [])
         if run is not None:
             import mlflow  # lazy: seconds to import; only a tracked run needs it
 
