@@ -130,6 +130,8 @@ keep_locations() {
         if [[ -z $dir ]]; then
             list+=("$location")
         elif [[ $engine == podman && -d $dir ]]; then
+            # A PEP 503 tree (DIR/simple/NAME/index.html) links its wheels as ../../files/.
+            [[ $(basename "$dir") != simple ]] || dir=$(dirname "$dir")
             mounts+=(--volume "$dir:$dir:ro")
             list+=("$location")
         else
