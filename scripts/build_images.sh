@@ -3,6 +3,7 @@
 # GPU stages), tagged as the pipeline names them. `make images` runs this.
 #
 #   scripts/build_images.sh CPU_TAG GPU_TAG
+#   scripts/build_images.sh --base-only     (podman: just the local base; prints its tag)
 #
 # Engine: $CONTAINER_ENGINE (docker or podman); by default Docker when its daemon answers,
 # else podman. With podman:
@@ -23,8 +24,15 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
-cpu_tag=${1:?usage: scripts/build_images.sh CPU_TAG GPU_TAG}
-gpu_tag=${2:?usage: scripts/build_images.sh CPU_TAG GPU_TAG}
+usage="usage: scripts/build_images.sh CPU_TAG GPU_TAG | --base-only"
+base_only=false
+if [[ ${1:-} == --base-only ]]; then
+    base_only=true
+    export CONTAINER_ENGINE=podman
+else
+    cpu_tag=${1:?$usage}
+    gpu_tag=${2:?$usage}
+fi
 pip=${PIP:-.venv/bin/pip}
 base_tag=localhost/psearch-base:bookworm
 
@@ -88,6 +96,10 @@ if [[ -z $base && $engine == podman ]]; then
     else
         make_base
     fi
+fi
+if $base_only; then
+    echo "$base"
+    exit 0
 fi
 cpu_base=() gpu_base=()
 if [[ -n $base ]]; then

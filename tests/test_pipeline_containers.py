@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
 from pathlib import Path
 
+import docker
 import pytest
 
+from pipelines import containers
 from pipelines.local import run_local
 from pipelines.settings import settings_for
 from psearch.config import load_params
+from psearch.errors import PsearchError
 
 REPO = Path(__file__).resolve().parents[1]
 # The tiny preset with the least training that still exercises every stage.
@@ -43,35 +44,35 @@ TASKS = ("dataset-digest", "ingest", "tracking", "pretrain", "train", "extract-m
          "evaluate", "index", "register", "promote", "close-runs")  # fmt: skip
 
 
-def _missing_prerequisite(params) -> str | None:
-    """Why the DAG cannot run in containers here, or None."""
-    engine = os.environ.get("CONTAINER_ENGINE") or ("podman" if shutil.which("podman") else None)
-    if engine is None and shutil.which("docker"):
-        engine = "docker"
-    if engine is None:
-        return "no container engine (apt-get install podman runc)"
-    env = dict(os.environ)
-    env.setdefault("CONTAINERS_CONF", str(REPO / "docker" / "containers.conf"))
-    settings = settings_for(params)
-    for kind in ("cpu", "gpu"):
-        image = settings.image(kind)
-        found = subprocess.run(
-            [engine, "image", "inspect", image], env=env, capture_output=True, text=True
-        )
-        if found.returncode != 0:
-            return f"{engine} has no image {image} (run `make images`)"
+def _missing_prerequisite(params, workdir: Path) -> str | None:
+    """Why the DAG cannot run in containers here, or None: asked of the very Docker API
+    (Docker, or podman's service) that run-local will use."""
+    try:
+        with containers.docker_endpoint(workdir) as url:
+            client = docker.DockerClient(base_url=url)
+            try:
+                for kind in ("cpu", "gpu"):
+                    image = settings_for(params).image(kind)
+                    try:
+                        client.images.get(image)
+                    except docker.errors.ImageNotFound:
+                        return f"no image {image} on {url} (run `make images`)"
+            finally:
+                client.close()
+    except PsearchError as exc:
+        return str(exc)
     return None
 
 
 @pytest.fixture(scope="module")
 def container_run(tmp_path_factory):
     params = load_params(REPO / "params.yaml", QUICK)
-    missing = _missing_prerequisite(params)
+    workdir = tmp_path_factory.mktemp("run-containers")
+    missing = _missing_prerequisite(params, workdir)
     if missing:
         if os.environ.get("PSEARCH_CONTAINERS_TEST") == "require":
             pytest.fail(f"PSEARCH_CONTAINERS_TEST=require but {missing}")
         pytest.skip(missing)
-    workdir = tmp_path_factory.mktemp("run-containers")
     return params, run_local(params, workdir, runner="docker"), workdir
 
 

@@ -127,9 +127,8 @@ def test_a_missing_image_that_cannot_be_pulled_names_make_images():
 
 def test_a_docker_host_that_does_not_answer_is_a_one_line_error(tmp_path, monkeypatch):
     monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path / 'nothing.sock'}")
-    with pytest.raises(PsearchError, match="does not answer"):
-        with containers.docker_endpoint(tmp_path):
-            pass
+    with pytest.raises(PsearchError, match="does not answer"), containers.docker_endpoint(tmp_path):
+        pass
 
 
 def test_an_unknown_runner_is_refused(tmp_path):
