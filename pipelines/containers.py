@@ -49,16 +49,8 @@ IMAGE_UID = 1000
 SERVICE_TIMEOUT_S = 30.0
 
 
-def run_container(
-    client: docker.DockerClient,
-    image: str,
-    command: list[str],
-    volumes: dict[str, Any],
-    **container_run_args: Any,
-) -> int:
-    """kfp's `run_docker_container` without auto_remove: the real exit status, then removal.
-
-    Same signature and output as kfp's (the task's log is printed as it comes)."""
+def ensure_image(client: docker.DockerClient, image: str) -> str:
+    """The image's full name once it is here (pulled if it is not); a one-line error else."""
     image = docker_task_handler.add_latest_tag_if_not_present(image)
     try:
         client.images.get(image)
@@ -70,6 +62,20 @@ def run_container(
                 f"image {image} is neither here nor pullable ({exc.explanation or exc}); "
                 "build it with `make images`"
             ) from None
+    return image
+
+
+def run_container(
+    client: docker.DockerClient,
+    image: str,
+    command: list[str],
+    volumes: dict[str, Any],
+    **container_run_args: Any,
+) -> int:
+    """kfp's `run_docker_container` without auto_remove: the real exit status, then removal.
+
+    Same signature and output as kfp's (the task's log is printed as it comes)."""
+    image = ensure_image(client, image)
     container_run_args.pop("auto_remove", None)
     container = client.containers.run(
         image=image,

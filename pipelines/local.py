@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import docker
 from kfp import local
 
 from components.runtime import params_json
@@ -38,6 +39,7 @@ from pipelines.containers import (
     bind,
     container_user,
     docker_endpoint,
+    ensure_image,
     keep_exit_status,
     make_writable,
 )
@@ -156,6 +158,13 @@ def _run_in_containers(
         # A tracking server on this machine's loopback stays reachable, as in-cluster.
         network_mode="host",
     )
+    # Every image before the first task: a missing one is a one-line error, not a task log.
+    client = docker.from_env()
+    try:
+        for kind in ("cpu", "gpu"):
+            ensure_image(client, settings.image(kind))
+    finally:
+        client.close()
     local.init(runner=runner, pipeline_root=str(pipeline_root))
     with keep_exit_status():
         _run_dag(func, dataset_root=settings.dataset_mount, params_json=params_json(params))
