@@ -8,8 +8,8 @@ Two figures, in a temporary SQLite store:
 2. the slow-down of real work: a fixed number of tiny-preset training steps of the joint
    net (psearch's engine, in a tracked run, one torch thread), with sampling off and on,
    alternated `--repeats` times: the medians of the process's CPU seconds (what sampling
-   adds, little swayed by other load) and of the fit's wall seconds (run.json
-   train_seconds; on a shared machine other load dominates it).
+   adds, little swayed by other load) and of the fit's wall seconds (the
+   stage's returned train_seconds; on a shared machine other load dominates it).
 
 Usage: python benchmarks/bench_system_metrics.py [--seconds 20] [--interval 0.5] [--repeats 3]
 """

@@ -34,6 +34,7 @@ from components import (
     register,
     tracking,
     train,
+    train_nodes,
 )
 
 # Stage name -> module; the stage name is also the key of its resources in the settings.
@@ -43,6 +44,8 @@ MODULES: dict[str, ModuleType] = {
     "ingest": ingest,
     "pretrain": pretrain,
     "train": train,
+    # pipeline.train_nodes > 1: train as a Kubeflow Trainer TrainJob (components.trainjob)
+    "train_nodes": train_nodes,
     "extract": extract,
     "extract_merge": extract_merge,
     "evaluate": evaluate,

@@ -15,6 +15,9 @@ def ingest(dataset_root: str, dataset_digest: str, params_json: str, manifests: 
     from psearch import stages
 
     cfg = stage_params(params_json)
-    summary = stages.ingest(Path(dataset_root), Path(manifests.path), cfg.ingest)
+    # The later tasks read the manifests at other artifact paths: the PVC's absolute path too.
+    summary = stages.ingest(
+        Path(dataset_root), Path(manifests.path), cfg.ingest, absolute_root=True
+    )
     print(summary_line("ingest", summary))
     print(f"psearch ingest: dataset {dataset_digest}")

@@ -14,6 +14,8 @@ Pipeline parameters (defaults taken from params.yaml when compiled):
                 parameter, because KFP refuses nulls in dict parameters and params.yaml has some)
 
 pretrain.enabled is read when compiling too: false leaves the pretrain task out.
+pipeline.train_nodes > 1 replaces `train` by `train_nodes`, which runs the same training
+as a Kubeflow Trainer TrainJob of several nodes (pipelines.trainjob, components.trainjob).
 Compile-time settings (the `pipeline` section: images, resources, PVC, Secret, GPU
 placement, number of extraction shards) shape the DAG itself; see
 pipelines.settings. `build_pipeline` returns the @dsl.pipeline function;
@@ -31,10 +33,13 @@ them without error (checked in tests/test_pipeline_local.py), so `psearch pipeli
 run-local` runs this very DAG, passing a local dataset_root instead of the PVC.
 """
 
+import json
+
 from kfp import dsl, kubernetes
 
 from components import MODULES, build_components
 from pipelines.settings import PipelineSettings
+from pipelines.trainjob import trainjob_template
 
 # The memory-backed emptyDir mounted over /dev/shm in GPU tasks.
 SHM_VOLUME = "dshm"
@@ -175,9 +180,16 @@ def build_pipeline(default_params: str, settings: PipelineSettings, with_pretrai
                 _training(pretrain, settings)
                 init["idnet"] = pretrain.outputs["idnet"]
 
-            train = c.train(**training, **init)
             # Training is never cached: each run is a new model and a new MLflow run.
-            _configure(train, "train", settings, cache=False, dataset=True)
+            if settings.train_nodes > 1:
+                # A Kubeflow Trainer TrainJob of several nodes, launched and followed by a
+                # small task whose model output comes back through the checkpoint PVC.
+                template = json.dumps(trainjob_template(settings), sort_keys=True)
+                train = c.train_nodes(**training, **init, trainjob=template)
+                _configure(train, "train_nodes", settings, cache=False)
+            else:
+                train = c.train(**training, **init)
+                _configure(train, "train", settings, cache=False, dataset=True)
             _training(train, settings)
             model = train.outputs["model"]
 

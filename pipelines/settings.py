@@ -60,7 +60,10 @@ def _default_resources() -> dict[str, TaskResources]:
         "dataset_digest": TaskResources("250m", "1", "512Mi", "1Gi"),
         "ingest": TaskResources("1", "2", "2Gi", "4Gi"),
         "pretrain": TaskResources("4", "8", "16Gi", "16Gi", gpus=1, timeout_hours=24),
+        # With pipeline.train_nodes > 1: each TrainJob node's resources and the job's deadline.
         "train": TaskResources("8", "8", "32Gi", "32Gi", gpus=1, timeout_hours=72),
+        # The task that launches and follows that TrainJob (it waits as long as the job runs).
+        "train_nodes": TaskResources("250m", "500m", "512Mi", "1Gi"),
         "extract": TaskResources("4", "8", "16Gi", "16Gi", gpus=1, timeout_hours=12),
         "extract_merge": TaskResources("1", "2", "4Gi", "8Gi"),
         "evaluate": TaskResources("2", "4", "8Gi", "8Gi"),
@@ -129,6 +132,13 @@ class PipelineSettings:
     # The memory-backed /dev/shm of the GPU tasks (DataLoader workers pass batches through
     # it; the pod default is 64 MiB). It counts against the task's memory limit.
     shm_size: str = "8Gi"
+    # Training on several nodes (docs/kubeflow.md): > 1 runs the train step as a Kubeflow
+    # Trainer v2 TrainJob of that many nodes (resources.train per node), each running
+    # train_proc_per_node processes, on the ClusterTrainingRuntime train_runtime; 1 trains in
+    # the task's own pod.
+    train_nodes: int = 1
+    train_proc_per_node: int = 1
+    train_runtime: str = "torch-distributed"
     gpu_resource: str = "nvidia.com/gpu"
     # Where GPU tasks may run: node labels they select and taints they tolerate.
     gpu_node_selector: dict[str, Any] = field(
@@ -172,6 +182,7 @@ class PipelineSettings:
                 )
         if self.extract_shards < 1:
             raise PsearchError(f"pipeline.extract_shards: must be >= 1, got {self.extract_shards}")
+        self._check_train_nodes()
         for key in ("extract_retries", "train_retries"):
             if getattr(self, key) < 0:
                 raise PsearchError(f"pipeline.{key}: must be >= 0")
@@ -190,6 +201,26 @@ class PipelineSettings:
                     f"pipeline.image_{kind}_digest: {digest!r} is not a digest (sha256:<64 hex>)"
                 )
         self.gpu_node_selector = {str(k): str(v) for k, v in self.gpu_node_selector.items()}
+
+    def _check_train_nodes(self) -> None:
+        for key in ("train_nodes", "train_proc_per_node"):
+            if getattr(self, key) < 1:
+                raise PsearchError(f"pipeline.{key}: must be >= 1, got {getattr(self, key)}")
+        if not _DNS_NAME.match(self.train_runtime):
+            raise PsearchError(
+                f"pipeline.train_runtime: {self.train_runtime!r} is not a valid Kubernetes name"
+            )
+        gpus = self.resources["train"].gpus
+        if self.train_nodes > 1 and gpus and self.train_proc_per_node > gpus:
+            raise PsearchError(
+                f"pipeline.train_proc_per_node: {self.train_proc_per_node} processes on a node "
+                f"of {gpus} GPU(s) (resources.train.gpus); one process per GPU"
+            )
+        if self.train_nodes > 1 and not self.checkpoint_pvc:
+            raise PsearchError(
+                "pipeline.train_nodes: several nodes share their inputs and the model through "
+                "the checkpoint PVC; set pipeline.checkpoint_pvc"
+            )
 
     def image(self, kind: Literal["cpu", "gpu"]) -> str:
         """The image for CPU or GPU stages: $PSEARCH_IMAGE_CPU/GPU as given, else params.yaml's

@@ -131,8 +131,9 @@ def test_extract_writes_the_contract_files(single_run, scene_manifests):
     assert written["boxes"] == "detect" and written["features"] == "joint"
     assert written["images"] == len(test_ids) == 8
     assert written["queries"] == 3 and written["detections"] == len(ids)
-    assert written["feat_dim"] == dim and written["images_per_s"] > 0
-    assert Path(written["manifests"]) == scene_manifests.resolve()
+    assert written["feat_dim"] == dim and "images_per_s" not in written  # no timings
+    # Where the images are, relative to the extraction: the same bytes wherever it runs.
+    assert (out / written["manifests"]).resolve() == scene_manifests.resolve()
     assert not list(out.parent.glob(".*tmp*")), "no temporary directory left behind"
 
 

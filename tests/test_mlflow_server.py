@@ -56,7 +56,7 @@ def test_stages_track_to_server_with_s3_artifacts(tmp_path: Path, mlflow_server,
             pq.read_table(tmp_path / "dets" / name)
         ), name
 
-    train_run = json.loads((tmp_path / "model" / "run.json").read_text())["run_id"]
+    train_run = json.loads((tmp_path / "registry.json").read_text())["run_id"]  # found by hash
     runs = client.search_runs([experiment])
     stages = {
         r.data.tags.get("psearch.stage")

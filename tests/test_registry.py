@@ -202,6 +202,9 @@ def test_register_refuses_bad_inputs(params, tmp_path):
     no_model = tmp_path / "untracked"
     no_model.mkdir()
     (no_model / "run.json").write_text(json.dumps({"run_id": None}))
+    with pytest.raises(PsearchError, match="expected one model file"):
+        register(no_model, metrics, params)
+    (no_model / "model.pt").write_bytes(b"weights no tracked run logged")
     with pytest.raises(PsearchError, match="tracking disabled"):
         register(no_model, metrics, params)
 

@@ -12,9 +12,12 @@ import torch
 
 from psearch.cli import main as cli_main
 from psearch.config import load_params
+from psearch.digest import file_sha256
 from psearch.errors import PsearchError
+from psearch.tracking import MODEL_SHA256_TAG
 from psearch.train.checkpoint import checkpoint_dir, latest_checkpoint
 from psearch.train.engine import lr_factor
+from psearch.train.runner import RUN_FACTS
 
 # Small and fast: the tiny preset's own resolution, few RoIs, small crops.
 FAST = [
@@ -93,8 +96,15 @@ def test_outputs_and_run_json(trained):
     assert sorted(p.name for p in (tmp / "pretrain").iterdir()) == ["idnet.pt", "run.json"]
     assert sorted(p.name for p in (tmp / "train").iterdir()) == ["model.pt", "run.json"]
     info = json.loads((tmp / "train" / "run.json").read_text())
-    assert info["model_uri"] == f"runs:/{info['run_id']}/model"
-    assert info["logged_model_uri"].startswith("models:/m-")
+    # The execution's facts are returned (and in MLflow), never in run.json: a DVC output
+    # must hash alike on every run.
+    returned = trained["train"]
+    assert returned["model_uri"] == f"runs:/{returned['run_id']}/model"
+    assert returned["logged_model_uri"].startswith("models:/m-")
+    assert not set(RUN_FACTS) & set(info) and set(RUN_FACTS) <= set(returned)
+    tags = _client(trained).get_run(returned["run_id"]).data.tags
+    assert tags[MODEL_SHA256_TAG] == file_sha256(tmp / "train" / "model.pt")
+    assert tags["psearch.logged_model_uri"] == returned["logged_model_uri"]
     assert info["num_classes"] == 15 and info["steps"] == 12
     assert info["init_transferred_keys"] > 0
     for key in ("final_loss", "final_loss_det", "final_loss_reid", "final_loss_rpn_cls"):
@@ -175,9 +185,29 @@ def _state(path):
     return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
 
 
+def killed_after(monkeypatch, stage: str, steps: int):
+    """Make `stage`'s training pass raise KeyboardInterrupt (a kill) in step `steps + 1`;
+    returns what undoes it. A finished training discards its checkpoints, so a kill is how
+    a test gets a run to resume."""
+    from psearch.train.joint import JointTraining
+    from psearch.train.pretrain import Pretraining
+
+    cls = Pretraining if stage == "pretrain" else JointTraining
+    real, calls = cls.forward, {"n": 0}
+
+    def dies(model, batch, device):
+        calls["n"] += 1
+        if calls["n"] > steps:
+            raise KeyboardInterrupt
+        return real(model, batch, device)
+
+    monkeypatch.setattr(cls, "forward", staticmethod(dies))
+    return lambda: monkeypatch.setattr(cls, "forward", staticmethod(real))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["pretrain", "train"])
-def test_resume_ends_with_the_same_weights(tiny_manifests, tmp_path, stage):
+def test_resume_ends_with_the_same_weights(tiny_manifests, tmp_path, stage, monkeypatch):
     """N steps straight == N/2 steps, a stop, then --resume to N (exact, on CPU)."""
     from psearch import stages
 
@@ -195,10 +225,13 @@ def test_resume_ends_with_the_same_weights(tiny_manifests, tmp_path, stage):
         )
 
     run(tiny_manifests, tmp_path / "straight", params(6))
-    first = run(tiny_manifests, tmp_path / "resumed", params(3))
-    assert first["resumed_from_step"] == 0
+    revive = killed_after(monkeypatch, stage, 4)  # killed in step 5: the checkpoint of step 3
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_manifests, tmp_path / "resumed", params(6))
+    revive()
     again = run(tiny_manifests, tmp_path / "resumed", params(6), resume=True)
     assert again["resumed_from_step"] == 3 and again["steps"] == 6
+    assert not checkpoint_dir(tmp_path / "resumed").exists(), "a finished run keeps none"
     a, b = _state(tmp_path / "straight" / name), _state(tmp_path / "resumed" / name)
     assert a.keys() == b.keys()
     for key in a:
@@ -206,13 +239,16 @@ def test_resume_ends_with_the_same_weights(tiny_manifests, tmp_path, stage):
 
 
 @pytest.mark.slow
-def test_resume_with_changed_settings_starts_fresh(tiny_manifests, tmp_path):
+def test_resume_with_changed_settings_starts_fresh(tiny_manifests, tmp_path, monkeypatch):
     from psearch import stages
 
     out = tmp_path / "idnet"
-    stages.pretrain(
-        tiny_manifests, out, fast_params("pretrain.max_steps=2", "pretrain.checkpoint_every=2")
-    )
+    revive = killed_after(monkeypatch, "pretrain", 2)
+    with pytest.raises(KeyboardInterrupt):
+        stages.pretrain(
+            tiny_manifests, out, fast_params("pretrain.max_steps=3", "pretrain.checkpoint_every=2")
+        )
+    revive()
     assert latest_checkpoint(checkpoint_dir(out)).name == "step-00000002.pt"
     changed = fast_params("pretrain.max_steps=2", "pretrain.checkpoint_every=2", "pretrain.lr=0.02")
     with pytest.warns(UserWarning, match="other settings"):
@@ -228,10 +264,13 @@ def test_a_checkpoint_of_other_training_code_is_not_resumed(tiny_manifests, tmp_
 
     out, params = (
         tmp_path / "idnet",
-        fast_params("pretrain.max_steps=2", "pretrain.checkpoint_every=2"),
+        fast_params("pretrain.max_steps=3", "pretrain.checkpoint_every=2"),
     )
-    stages.pretrain(tiny_manifests, out, params)
-    assert stages.pretrain(tiny_manifests, out, params, resume=True)["resumed_from_step"] == 2
+    revive = killed_after(monkeypatch, "pretrain", 2)
+    with pytest.raises(KeyboardInterrupt):
+        stages.pretrain(tiny_manifests, out, params)
+    revive()
+    assert latest_checkpoint(checkpoint_dir(out)).name == "step-00000002.pt"
     monkeypatch.setattr(checkpoint, "code_version", lambda: "another-version")
     with pytest.warns(UserWarning, match="other settings"):
         info = stages.pretrain(tiny_manifests, out, params, resume=True)

@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from psearch.config import Params
+from psearch.digest import file_sha256
 from psearch.errors import PsearchError
 from psearch.jsonfile import read_json_object
-from psearch.tracking import connect, stage_run, tracking_uri
+from psearch.tracking import MODEL_SHA256_TAG, connect, stage_run, tracking_uri
 from psearch.tracking.names import SEPARATOR
 
 HISTORY_TAG = "psearch.champion_history"
@@ -43,20 +44,49 @@ def flatten_metrics(tree: dict[str, Any], prefix: str = "") -> dict[str, float]:
     return flat
 
 
-def read_training_run(model_dir: Path) -> tuple[str, str]:
-    """(run_id, model URI to register) from a training output directory's run.json.
+def find_training_run(model_dir: Path, client, experiment: str) -> tuple[str, str]:
+    """(run_id, model URI to register) of the training run that wrote `model_dir`.
 
-    The URI is MLflow 3's logged-model id when run.json has it (registering it needs no
-    fallback from the run's artifact path), else the run's ``runs:/`` URI.
+    run.json holds no run id (it must hash alike on every run), so the run is the newest
+    finished one in `experiment` whose MODEL_SHA256_TAG is the model file's hash: the run that
+    logged exactly these weights. A run.json that does name its run (older outputs) is taken at
+    its word. The URI is MLflow 3's logged-model id when the run has it, else its runs:/ URI.
     """
-    path = Path(model_dir) / "run.json" if Path(model_dir).is_dir() else Path(model_dir)
+    model_dir = Path(model_dir)
+    path = model_dir / "run.json" if model_dir.is_dir() else model_dir
     info = read_json_object(path, missing="training run record (run.json) not found")
-    run_id, model_uri = info.get("run_id"), info.get("logged_model_uri") or info.get("model_uri")
-    if not run_id or not model_uri:
-        raise PsearchError(
-            f"{path}: no MLflow run_id/model_uri (was the model trained with tracking disabled?)"
+    if info.get("run_id"):
+        model_uri = info.get("logged_model_uri") or info.get("model_uri")
+        return str(info["run_id"]), str(model_uri or f"runs:/{info['run_id']}/model")
+    model_file = _model_file(path.parent)
+    digest = file_sha256(model_file)
+    found = client.get_experiment_by_name(experiment)
+    runs = []
+    if found is not None:
+        runs = client.search_runs(
+            [found.experiment_id],
+            filter_string=f"tags.`{MODEL_SHA256_TAG}` = '{digest}' and status = 'FINISHED'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
         )
-    return str(run_id), str(model_uri)
+    if not runs:
+        raise PsearchError(
+            f"{model_file}: no finished training run in experiment {experiment!r} logged this "
+            "model (was it trained with tracking disabled, or against another store?)"
+        )
+    tags = runs[0].data.tags
+    run_id = runs[0].info.run_id
+    return run_id, tags.get("psearch.logged_model_uri") or f"runs:/{run_id}/model"
+
+
+def _model_file(model_dir: Path) -> Path:
+    """The one model file (*.pt) of a training output directory."""
+    files = sorted(model_dir.glob("*.pt"))
+    if len(files) != 1:
+        raise PsearchError(
+            f"{model_dir}: expected one model file (*.pt) beside run.json, found {len(files)}"
+        )
+    return files[0]
 
 
 def read_metrics(path: Path) -> dict[str, float]:
@@ -132,9 +162,9 @@ def register(model: Path, metrics: Path, params: Params) -> dict[str, Any]:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    run_id, model_uri = read_training_run(Path(model))
     flat = read_metrics(Path(metrics))
     client = _client(params)
+    run_id, model_uri = find_training_run(Path(model), client, params.tracking.experiment)
     try:
         train_run = client.get_run(run_id)
     except MlflowException:

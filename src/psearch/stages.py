@@ -50,9 +50,9 @@ def synth(out: Path, cfg: DataConfig) -> dict[str, Any]:
     return synthesize(Path(out), preset=cfg.preset, seed=cfg.seed)
 
 
-def ingest(root: Path, out: Path, cfg: IngestConfig) -> dict[str, Any]:
+def ingest(root: Path, out: Path, cfg: IngestConfig, absolute_root: bool = False) -> dict[str, Any]:
     """Read a raw CUHK-SYSU or PRW dataset, or a table of boxes, at `root`; write the
-    manifests to `out`."""
+    manifests to `out` (`absolute_root`: dataset.json also names the root's absolute path)."""
     table = None
     if cfg.format == "table" and cfg.annotations:
         table = TableOptions(
@@ -62,7 +62,7 @@ def ingest(root: Path, out: Path, cfg: IngestConfig) -> dict[str, Any]:
             gallery_sizes=tuple(cfg.gallery_sizes),
             seed=cfg.seed,
         )
-    return ingest_dataset(Path(root), Path(out), fmt=cfg.format, table=table)
+    return ingest_dataset(Path(root), Path(out), cfg.format, table, absolute_root)
 
 
 def _model_logger(manifests: Path, whole_image: bool) -> ModelLogger:

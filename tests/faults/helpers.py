@@ -48,3 +48,8 @@ def assert_one_line_error(code: int, err: str, *expected: str, exit_code: int = 
     for text in expected:
         assert text in lines[-1], lines[-1]
     return lines[-1]
+
+
+def files_under(root: Path) -> set[str]:
+    """Every file and directory below `root`, relative to it: what a failed command left."""
+    return {str(p.relative_to(root)) for p in Path(root).rglob("*")}

@@ -25,15 +25,25 @@ from psearch.data.manifest import MANIFEST_SCHEMAS, write_parquet
 from psearch.data.prw import read_prw
 from psearch.data.records import ParsedDataset, inside_root
 from psearch.data.table import TableOptions, read_table
+from psearch.diskspace import SMALL, check_free_space
 from psearch.errors import PsearchError
 
 FORMATS = ("cuhk-sysu", "prw", "table")
 
 
-def ingest(root: Path, out: Path, fmt: str, table: TableOptions | None = None) -> dict[str, Any]:
+def ingest(
+    root: Path,
+    out: Path,
+    fmt: str,
+    table: TableOptions | None = None,
+    absolute_root: bool = False,
+) -> dict[str, Any]:
     """Read the dataset at `root` in format `fmt`; write the manifests directory `out`.
 
-    Format `table` reads `table.annotations` (psearch.data.table) instead of a layout."""
+    Format `table` reads `table.annotations` (psearch.data.table) instead of a layout.
+    dataset.json names the dataset root relative to `out`, so the same data gives the same
+    bytes wherever the checkout is (a DVC output); `absolute_root` adds `root_abs` too, for
+    a pipeline that mounts the manifests elsewhere than it wrote them (Kubeflow)."""
     root, out = Path(root), Path(out)
     if fmt not in FORMATS:
         raise PsearchError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
@@ -42,6 +52,7 @@ def ingest(root: Path, out: Path, fmt: str, table: TableOptions | None = None) -
     if fmt == "table" and table is None:
         raise PsearchError("format table needs --annotations FILE.csv|FILE.parquet")
     check_writable(out)  # before the annotations and every image are read
+    check_free_space({out: SMALL})  # tables of boxes: small beside the images they describe
     parsed = read_table(root, table) if fmt == "table" else _read(root, fmt)
     # Hashing gigabytes of annotation files overlaps the rest (hashlib releases the GIL).
     with ThreadPoolExecutor(1) as pool:
@@ -52,8 +63,8 @@ def ingest(root: Path, out: Path, fmt: str, table: TableOptions | None = None) -
         info = dataset_info(parsed, tables, digest.result())
     # Where images.path is relative to, relative to the manifests (psearch.data.loaders.dataset_root).
     info["root"] = os.path.relpath(root.resolve(), out.resolve())
-    # The absolute path too: a pipeline may mount the manifests elsewhere than ingest wrote them.
-    info["root_abs"] = str(root.resolve())
+    if absolute_root:  # a pipeline may mount the manifests elsewhere than ingest wrote them
+        info["root_abs"] = str(root.resolve())
     with atomic_dir(out) as tmp:
         for name, table in tables.items():
             write_parquet(table, tmp / f"{name}.parquet")

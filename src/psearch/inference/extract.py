@@ -7,7 +7,7 @@ paper's Table 2 are flags: `boxes="gt"` uses the annotated boxes as a perfect de
 IDNet on crops of the boxes (Deep + IDNet, the two-stage pipeline).
 
 Outputs (docs/contract.md): OUT/gallery_detections.parquet, OUT/query_features.parquet and
-OUT/extraction.json (settings, counts, throughput, where the images are). With a shard I/N,
+OUT/extraction.json (settings, counts, where the images are; the throughput goes to MLflow). With a shard I/N,
 the same files go to OUT/part-00I-of-00N/ instead (see shards.py); `merge` combines them.
 With tracking on, an extraction is an MLflow stage run: the test split as its dataset
 input, the machine's use sampled (system metrics) and its throughput as `extract/...`.
@@ -22,10 +22,11 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from psearch.atomic import atomic_dir
+from psearch.atomic import atomic_dir, check_writable
 from psearch.config import Params
 from psearch.data.loaders import dataset_root
 from psearch.data.manifest import GALLERY_DETECTIONS, QUERY_FEATURES, Manifests, read_manifests
+from psearch.diskspace import SMALL, check_free_space
 from psearch.errors import PsearchError
 from psearch.inference import engine
 from psearch.inference.engine import batch_keys, run_chunks
@@ -34,6 +35,7 @@ from psearch.inference.shards import merge, part_dir, shard_positions
 from psearch.inference.writer import (
     GalleryWriter,
     read_extraction_json,
+    relative_path,
     write_extraction_json,
     write_query_features,
 )
@@ -78,6 +80,7 @@ def extract(
     target = part_dir(out, shard) if shard else Path(out)
     if shard and _finished(target, settings):
         return {**read_extraction_json(target), "out": str(target), "skipped": True}
+    check_writable(target)  # before the model is loaded and the images are read
 
     detail = f"{boxes}+{features}" + (f" · part {shard[0]}/{shard[1]}" if shard else "")
     tracking = stage_run(
@@ -113,6 +116,7 @@ def _extract(
     shard = tuple(settings["shard"]) if settings["shard"] else None
     device = resolve_device(params.extract.device)
     passes = _Passes(model, idnet, params, device, boxes, features)
+    check_free_space({target: _space_needed(gallery, query_images, passes.dim, params, boxes)})
     started = time.perf_counter()
     with atomic_dir(target) as tmp:
         mine = shard_positions(len(gallery["image_id"]), shard)
@@ -132,12 +136,24 @@ def _extract(
             "device": str(device),
             "batch_size": params.extract.batch_size,
             "amp": bool(params.extract.amp and device.type == "cuda"),
-            # Where the images are, for `psearch search` on this directory.
-            "manifests": str(Path(tables.root).resolve()),
-            "image_root": str(dataset_root(tables)),
+            # Where the images are, for `psearch search` on this directory (relative to it).
+            "manifests": relative_path(tables.root, target),
+            "image_root": relative_path(dataset_root(tables), target),
         }
-        write_extraction_json(tmp, info)
+        write_extraction_json(tmp, info, timings=shard is not None)
     return info
+
+
+def _space_needed(gallery, query_images, dim: int, params: Params, boxes: str) -> int:
+    """The extraction files' size, on the high side: every image with as many detections as
+    the detector may keep (its gt boxes with boxes="gt"), every query, uncompressed rows."""
+    if boxes == "gt":
+        rows = sum(len(b) for b in gallery["boxes"])
+    else:
+        rows = len(gallery["image_id"]) * params.model.detections_per_img
+    queries = sum(len(q) for q in query_images["query_ids"])
+    detection_row = 4 + 4 * 4 + 4 + 4 * dim  # image_id, box, score, feature (float32)
+    return rows * detection_row + queries * (4 + 4 * dim) + SMALL
 
 
 def _check_modes(boxes: str, features: str, idnet: Path | None) -> None:

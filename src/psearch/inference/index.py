@@ -5,10 +5,11 @@ and writes INDEX/, a directory that is self-contained for searching:
 
     index.faiss        the vectors (row i = detection_id i); inner product, as `psearch search`
     detections.parquet detection_id, image_id, x1, y1, x2, y2, score (the rows the index points to)
-    images.parquet     every gallery image: image_id, path (absolute), width, height; and for
+    images.parquet     every gallery image: image_id, path (relative to INDEX), width, height; and for
                        a video gallery, video, frame_index, time_s (null for image files)
     index.json         kind and parameters, counts, the model's weights fingerprint and URI,
-                       the data version, the extraction it came from
+                       the data version, the extraction it came from (relative to INDEX); no
+                       timings, so the same index has the same bytes (a DVC output)
 
 `GalleryIndex.search` ranks gallery images by their most similar detection, as
 `psearch.inference.search.rank_images` does over the full matrix, without a Python loop over
@@ -21,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,14 +34,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from psearch.atomic import atomic_dir
+from psearch.atomic import atomic_dir, check_writable
 from psearch.config import IndexConfig, Params, to_dict
 from psearch.data.loaders import dataset_root
-from psearch.data.manifest import GALLERY_DETECTIONS, feature_dim, read_manifests
+from psearch.data.manifest import GALLERY_DETECTIONS, feature_dim, read_manifests, read_parquet
+from psearch.diskspace import SMALL, check_free_space
 from psearch.errors import PsearchError
 from psearch.inference.loading import fetch_model
 from psearch.inference.video import frame_ref, is_video_extraction, read_frames
-from psearch.inference.writer import read_extraction_json
+from psearch.inference.writer import read_extraction_json, recorded_manifests, relative_path
 from psearch.jsonfile import read_json_object
 
 INDEX_FORMAT = "psearch-index/1"
@@ -185,9 +188,24 @@ def build_index(
     path = detections / GALLERY_DETECTIONS
     if not path.is_file():
         raise PsearchError(f"{path}: file not found (not an extraction output)")
-    table = pq.read_table(path, filters=[("score", ">=", float(thresh))])
+    try:
+        table = pq.read_table(path, filters=[("score", ">=", float(thresh))])
+    except (OSError, pa.ArrowException) as exc:  # truncated, not Parquet, no score column
+        raise PsearchError(f"{path}: not a readable Parquet file ({exc})") from None
     dim = feature_dim(table, path)
+    recorded = info.get("feat_dim")
+    if isinstance(recorded, int) and recorded != dim:
+        raise PsearchError(
+            f"{path}: features of {dim} dimensions, but {detections / 'extraction.json'} "
+            f"says {recorded}"
+        )
     features = table.column("feature").combine_chunks().flatten().to_numpy().reshape(-1, dim)
+    finite = np.isfinite(features).all(axis=1)
+    if not finite.all():  # faiss would index them and rank them at random
+        raise PsearchError(
+            f"{path}: the feature of detection row {int(np.argmin(finite))} (of those indexed) "
+            "is not finite (NaN or inf)"
+        )
     if not len(features):
         raise PsearchError(f"{path}: no detection with score >= {thresh} to index")
     images = _gallery_images(detections, info, manifests)
@@ -195,6 +213,9 @@ def build_index(
     unknown = set(np.unique(image_ids).tolist()) - set(images.column("image_id").to_pylist())
     if unknown:
         raise PsearchError(f"{path}: image_id {min(unknown)} is not a gallery image")
+    check_writable(out)
+    # The vectors (float32), their rows and the image list; faiss's own overhead is small.
+    check_free_space({out: len(features) * (4 * dim + 64) + images.num_rows * 256 + SMALL})
     model_uri = str(model or info.get("model"))
     fingerprint = weights_fingerprint(fetch_model(model_uri)[0])
     index = fill_index(make_index(cfg, dim, len(features)), features)
@@ -219,16 +240,31 @@ def build_index(
         "idnet": info.get("idnet"),
         "model": {"uri": model_uri, "fingerprint": fingerprint},
         "data_version": info.get("data_version", "unknown"),
-        "extraction": str(detections.resolve()),
+        "extraction": relative_path(detections, out),
         "faiss_version": faiss.__version__,
     }
     with atomic_dir(out) as tmp:
         faiss.write_index(index, str(tmp / INDEX_FILE))
         pq.write_table(rows, tmp / DETECTIONS_FILE)
-        pq.write_table(images, tmp / IMAGES_FILE)
-        meta["build_seconds"] = round(time.perf_counter() - started, 3)
+        pq.write_table(_relative_image_paths(images, out), tmp / IMAGES_FILE)
+        # index.json holds no timing: the same index hashes alike on every build (a DVC output).
         (tmp / INDEX_JSON).write_text(json.dumps(meta, indent=2) + "\n")
-    return {**meta, "out": str(out)}
+    return {**meta, "build_seconds": round(time.perf_counter() - started, 3), "out": str(out)}
+
+
+def _relative_image_paths(images: pa.Table, out: Path) -> pa.Table:
+    """images.parquet's image paths relative to the index directory (string operations only:
+    a million paths), so an index hashes alike wherever it is built and moves with its
+    data; a video frame's name (video.frame_ref) is not a path and stays."""
+    base = str(Path(out).resolve())
+    frames = images.column("video").is_valid().to_pylist()
+    paths = [
+        name if frame else os.path.relpath(name, base)
+        for name, frame in zip(images.column("path").to_pylist(), frames, strict=True)
+    ]
+    return images.set_column(
+        images.schema.get_field_index("path"), "path", pa.array(paths, pa.string())
+    )
 
 
 def _gallery_images(detections: Path, info: dict[str, Any], manifests: Path | None) -> pa.Table:
@@ -250,7 +286,7 @@ def _gallery_images(detections: Path, info: dict[str, Any], manifests: Path | No
             ],
             schema=IMAGES_SCHEMA,
         )
-    manifests = Path(manifests or info.get("manifests") or "")
+    manifests = recorded_manifests(detections, info, manifests)
     if not (manifests / "images.parquet").is_file():
         raise PsearchError(
             f"{detections / 'extraction.json'}: its manifests {manifests} are not there "
@@ -309,7 +345,7 @@ class GalleryIndex:
             raise PsearchError(f"{path / INDEX_FILE}: not a faiss index") from None
         settings = self.meta.get("settings") or {}
         set_search_params(self.index, params or IndexConfig(**settings))
-        rows = pq.read_table(path / DETECTIONS_FILE, schema=DETECTIONS_SCHEMA)
+        rows = read_parquet(path / DETECTIONS_FILE, DETECTIONS_SCHEMA)
         if rows.num_rows != self.index.ntotal:
             raise PsearchError(
                 f"{path}: {rows.num_rows} detections but {self.index.ntotal} vectors in the index"
@@ -318,7 +354,12 @@ class GalleryIndex:
         self.boxes = np.stack([rows.column(c).to_numpy() for c in ("x1", "y1", "x2", "y2")], 1)
         self.scores = rows.column("score").to_numpy()
         images = _read_images(path / IMAGES_FILE)
-        self.images = {row["image_id"]: GalleryImage(**row) for row in images.to_pylist()}
+        base = str(path.resolve())  # resolved, as the paths were: a string compare finds an image
+        self.images = {}
+        for row in images.to_pylist():
+            if row["video"] is None:  # relative to the index directory (absolute in older ones)
+                row["path"] = os.path.normpath(os.path.join(base, row["path"]))
+            self.images[row["image_id"]] = GalleryImage(**row)
         # Detections of one image, for drawing its boxes: rows sorted by image_id.
         self._order = np.argsort(self.image_ids, kind="stable")
         self._sorted_ids = self.image_ids[self._order]
@@ -392,8 +433,14 @@ class GalleryIndex:
 
 def _read_images(path: Path) -> pa.Table:
     """images.parquet of an index, with the video columns (null) when it predates them."""
-    names = pq.read_schema(path).names
-    table = pq.read_table(path, columns=[c for c in IMAGES_SCHEMA.names if c in names])
+    try:
+        names = pq.read_schema(path).names
+        table = pq.read_table(path, columns=[c for c in IMAGES_SCHEMA.names if c in names])
+    except (OSError, pa.ArrowException) as exc:  # missing, truncated, not Parquet
+        raise PsearchError(f"{path}: not a readable Parquet file ({exc})") from None
+    missing = [c for c in IMAGES_SCHEMA.names if c not in names and c not in VIDEO_COLUMNS]
+    if missing:
+        raise PsearchError(f"{path}: no column {missing[0]!r} (not an index's images.parquet)")
     for column in VIDEO_COLUMNS:
         if column not in names:
             field = IMAGES_SCHEMA.field(column)

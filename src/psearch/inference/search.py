@@ -27,7 +27,7 @@ from psearch.errors import PsearchError
 from psearch.inference.context import detect_query_image, rerank
 from psearch.inference.render import is_clip, render_clip, render_search
 from psearch.inference.video import FRAMES_FILE, frame_ref, is_video_extraction, read_frames
-from psearch.inference.writer import read_extraction_json
+from psearch.inference.writer import read_extraction_json, recorded_manifests
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -287,7 +287,7 @@ def _stored_gallery(gallery: Path, info: dict[str, Any], thresh: float, manifest
     # lazy: torch takes seconds to import; the command line imports this module at start-up
     from psearch.data.loaders import dataset_root
 
-    manifests = Path(manifests or info.get("manifests") or "")
+    manifests = recorded_manifests(gallery, info, manifests)
     if not (manifests / "images.parquet").is_file():
         raise PsearchError(
             f"{gallery / 'extraction.json'}: its manifests {manifests} are not there "

@@ -38,6 +38,7 @@ from psearch.inference.writer import (
     ROW_GROUP_ROWS,
     GalleryWriter,
     read_extraction_json,
+    relative_path,
     write_extraction_json,
 )
 
@@ -116,7 +117,10 @@ def merge(parts: list[Path], out: Path) -> dict[str, Any]:
             images_per_s=round(images / seconds, 3) if seconds > 0 else None,
             merged_parts=len(ordered),
         )
-        write_extraction_json(staging, merged)
+        for key in ("manifests", "image_root"):  # recorded relative to the part: now to `out`
+            if merged.get(key):
+                merged[key] = relative_path(ordered[0] / merged[key], out)
+        write_extraction_json(staging, merged)  # without the timings: they stay in the parts
         for name in (GALLERY_DETECTIONS, QUERY_FEATURES, EXTRACTION_JSON):
             os.replace(staging / name, out / name)
     finally:

@@ -3,11 +3,17 @@
 Gallery rows are buffered up to ROW_GROUP_ROWS and written as one Parquet row group, so memory
 stays flat however large the gallery is. The files are written inside a temporary output
 directory (psearch.atomic.atomic_dir), which is renamed into place only when the run succeeds.
+
+extraction.json records the same bytes for the same extraction wherever and whenever it runs
+(so a DVC output hashes alike on every run): paths relative to the extraction directory, and
+no timings (TIMING_KEYS go to MLflow and the printed summary; a shard's part keeps them, as
+the merge sums them).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +25,8 @@ from psearch.data.manifest import gallery_detections_schema, query_features_sche
 from psearch.jsonfile import read_json_object
 
 EXTRACTION_JSON = "extraction.json"
+# What an extraction returns and logs but its extraction.json (unsharded) leaves out.
+TIMING_KEYS = ("seconds", "images_per_s", "query_seconds")
 # About 20 MB of 256-d features per row group: large enough to read fast, small to hold.
 ROW_GROUP_ROWS = 20_000
 
@@ -100,5 +108,21 @@ def read_extraction_json(directory: Path) -> dict[str, Any]:
     )
 
 
-def write_extraction_json(directory: Path, info: dict[str, Any]) -> None:
-    (Path(directory) / EXTRACTION_JSON).write_text(json.dumps(info, indent=2) + "\n")
+def write_extraction_json(directory: Path, info: dict[str, Any], timings: bool = False) -> None:
+    """Write `info` as extraction.json, without TIMING_KEYS unless `timings` (a shard's part)."""
+    record = {k: v for k, v in info.items() if timings or k not in TIMING_KEYS}
+    (Path(directory) / EXTRACTION_JSON).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def relative_path(path: Path | str, directory: Path) -> str:
+    """`path` as seen from `directory` (both resolved), as extraction.json records paths."""
+    return os.path.relpath(Path(path).resolve(), Path(directory).resolve())
+
+
+def recorded_manifests(directory: Path, info: dict[str, Any], override: Path | None) -> Path:
+    """The manifests an extraction was made from: `override`, else extraction.json's
+    `manifests`, relative to the extraction directory (absolute in older files)."""
+    if override:
+        return Path(override)
+    recorded = info.get("manifests")
+    return (Path(directory) / recorded).resolve() if recorded else Path("")

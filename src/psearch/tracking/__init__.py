@@ -28,13 +28,14 @@ from psearch.tracking.mlflow_runs import (
     package_versions,
     tracking_uri,
 )
-from psearch.tracking.names import stage_metrics
+from psearch.tracking.names import MODEL_SHA256_TAG, stage_metrics
 from psearch.tracking.parent import ParentRun
 from psearch.tracking.stage import stage_run
 
 __all__ = [
     "DEFAULT_TRACKING_URI",
     "LAST_PIPELINE_RECORD",
+    "MODEL_SHA256_TAG",
     "PARENT_RUN_ENV",
     "PIPELINE_RECORD",
     "ParentRun",

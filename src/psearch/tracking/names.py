@@ -19,6 +19,9 @@ from psearch.config import Params
 from psearch.tracking.datasets import short_digest
 
 SEPARATOR = " · "
+# The training run's tag holding its model file's sha256: how `psearch register` finds the run
+# that trained a model directory (run.json holds no run id: it must hash alike on every run).
+MODEL_SHA256_TAG = "psearch.model_sha256"
 # Characters of the data digest a run name shows (a git-style short hash).
 NAME_DIGEST_LENGTH = 6
 

@@ -4,6 +4,8 @@ The stage output directory is written atomically (complete or absent), so the
 checkpoints that must survive a kill live in a sibling directory. A checkpoint
 records a fingerprint of everything that shapes the training trajectory; resuming
 with different settings is refused (with a warning) and training starts fresh.
+Checkpoints exist only to resume an interrupted run: a training that finished discards
+them (`discard`), so a rerun (`dvc repro --force`) trains from scratch.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from psearch.tensorfile import load_tensor_file
 
 CKPT_SUFFIX = ".ckpt"
 _NAME = re.compile(r"^step-(\d+)\.pt$")
+_TEMP = re.compile(r"^\.?step-\d+\.pt\.tmp-")  # psearch.atomic's temporary name of one
 # Settings that do not change the trajectory, so a resume may change them freely.
 NEUTRAL_KEYS = (
     "num_workers",
@@ -148,6 +151,20 @@ def save_checkpoint(directory: Path, step: int, state: dict[str, Any], keep: int
     for old in older[: max(0, len(older) - keep + 1)]:
         old.unlink(missing_ok=True)
     return path
+
+
+def discard(directory: Path) -> None:
+    """Remove the checkpoints in `directory` (and a temporary file a killed write left),
+    then the directory itself when nothing else is in it: the run they served has finished.
+    Only files this module writes are removed; a directory shared with anything else stays."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return
+    for path in directory.iterdir():
+        if path.is_file() and (_NAME.match(path.name) or _TEMP.match(path.name)):
+            path.unlink(missing_ok=True)
+    if not any(directory.iterdir()):
+        directory.rmdir()
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

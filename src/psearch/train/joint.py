@@ -8,7 +8,6 @@ from an IDNet (`--init`, see pretrain.py) and use the RSS loss.
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import torch
 from psearch.config import Params, TrainConfig, to_dict
 from psearch.data.loaders import SceneDataset, list_collate
 from psearch.data.manifest import Manifests
+from psearch.digest import file_sha256
 from psearch.errors import PsearchError
 from psearch.models.idnet import transfer_idnet_weights
 from psearch.models.joint import JointNet, build_joint_net
@@ -106,7 +106,7 @@ class JointTraining(TrainingStage):
         return {"model": to_dict(self.params.model), "train": to_dict(self.cfg)}
 
     def fingerprint_extra(self) -> str:
-        return file_digest(self.init) if self.init is not None else ""
+        return file_sha256(self.init) if self.init is not None else ""
 
     def run_info(self, dataset: SceneDataset, num_classes: int) -> dict[str, Any]:
         return {
@@ -147,14 +147,6 @@ def resolve_init(init: Path) -> Path | None:
     if not init.is_file():
         raise PsearchError(f"{init}: IDNet weights not found (--init takes idnet.pt or its dir)")
     return init
-
-
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_idnet_state(path: Path) -> dict[str, Any]:

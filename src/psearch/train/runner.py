@@ -25,14 +25,26 @@ from psearch.atomic import atomic_dir, check_writable
 from psearch.config import Params, TrainLoopConfig, to_dict
 from psearch.data.loaders import num_train_identities
 from psearch.data.manifest import Manifests, read_manifests
+from psearch.digest import file_sha256
+from psearch.diskspace import SMALL, check_free_space
 from psearch.models.io import save_model
-from psearch.tracking import data_version, stage_metrics, stage_run
+from psearch.tracking import MODEL_SHA256_TAG, data_version, stage_metrics, stage_run
 from psearch.train import checkpoint as ckpt
 from psearch.train.distributed import DistContext, barrier, cleanup, dist_context
 from psearch.train.engine import Engine, FitResult, ForwardFn, MetricsFn, seed_everything
 
 log = logging.getLogger(__name__)
 RUN_FILE = "run.json"  # beside the model file: the run's summary (and a skipped stage's marker)
+# What a training execution returns but run.json leaves out: facts of that execution (MLflow
+# ids, wall time, speed, a resume) that differ between two runs with the same result.
+RUN_FACTS = (
+    "run_id",
+    "model_uri",
+    "logged_model_uri",
+    "resumed_from_step",
+    "train_seconds",
+    "images_per_s",
+)
 
 # (model file, artifact name) -> (runs:/ URI, models:/ URI) of the model logged to the active
 # MLflow run. The stage function passes psearch.serving's in: train sits below serving.
@@ -114,6 +126,9 @@ class TrainingStage:
             data_version(manifests),
             self.fingerprint_extra(),
         )
+        checkpoints = Path(checkpoint_dir) if checkpoint_dir else ckpt.checkpoint_dir(out)
+        if ctx.is_main:
+            check_free_space(space_needed(model, out, checkpoints, self.cfg.checkpoint_every > 0))
         try:
             with tracked_run(self.name, self.params, manifests, self.cfg.seed, ctx) as run:
                 if run is not None:
@@ -123,7 +138,7 @@ class TrainingStage:
                     dataset,
                     self.forward,
                     self.cfg,
-                    Path(checkpoint_dir) if checkpoint_dir else ckpt.checkpoint_dir(out),
+                    checkpoints,
                     fingerprint,
                     collate_fn=self.collate_fn,
                     log_metrics=metrics_logger(run, self.name),
@@ -147,6 +162,9 @@ class TrainingStage:
                         log_model,
                     )
                     log.info("%s: %s", self.name, info)
+                    # The output is in place: the checkpoints served only to resume this run,
+                    # and a rerun (`dvc repro --force`) must train from scratch.
+                    ckpt.discard(checkpoints)
                 barrier(ctx)
         finally:
             cleanup(ctx)
@@ -161,6 +179,19 @@ class TrainingStage:
             "model": to_dict(self.params.model),
             "loss": to_dict(self.params.train.loss),
         }
+
+
+def space_needed(
+    model: nn.Module, out: Path, checkpoints: Path, checkpointing: bool = True
+) -> dict[Path, int]:
+    """What training writes: the model file, and (`checkpointing`) in the checkpoint directory
+    two checkpoints (a new one is complete before the old one goes) of the weights and as much
+    again of optimiser state (SGD's momentum buffers)."""
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    needs = {Path(out): weights + SMALL}
+    if checkpointing:
+        needs[Path(checkpoints)] = 4 * weights + SMALL
+    return needs
 
 
 @contextlib.contextmanager
@@ -214,8 +245,14 @@ def write_output(
     log_model: ModelLogger | None = None,
 ) -> dict[str, Any]:
     """Write `out/<file_name>` and `out/run.json` atomically; in an MLflow run, log the
-    metrics (as `<meta's stage>/<key>`) and (with `log_model`) the model. Returns what
-    run.json holds (its keys without the stage)."""
+    metrics (as `<meta's stage>/<key>`), (with `log_model`) the model, and tag the run with
+    the model file's hash. Returns run.json's content plus the facts of this execution
+    (RUN_FACTS: the MLflow ids, timings, the step resumed from).
+
+    run.json holds only what the same training from scratch reproduces byte for byte, so a
+    DVC output hashes the same on every such run; the execution's facts go to the MLflow run
+    (its metrics and the tags MODEL_SHA256_TAG, `psearch.model_uri`, `psearch.logged_model_uri`)
+    and the printed summary."""
     info: dict[str, Any] = {"run_id": run.info.run_id if run is not None else None}
     with atomic_dir(out) as tmp:
         save_model(tmp / file_name, model, meta)
@@ -226,7 +263,11 @@ def write_output(
             mlflow.log_metrics(stage_metrics(meta["stage"], logged))
             if log_model is not None:
                 info["model_uri"], info["logged_model_uri"] = log_model(tmp / file_name, "model")
+            tags = {MODEL_SHA256_TAG: file_sha256(tmp / file_name)}
+            tags.update({f"psearch.{k}": v for k, v in info.items() if k.endswith("model_uri")})
+            mlflow.set_tags(tags)
         info.update(extra)
         info.update(metrics)
-        (tmp / RUN_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        record = {k: v for k, v in info.items() if k not in RUN_FACTS}
+        (tmp / RUN_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return info
