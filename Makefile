@@ -38,12 +38,12 @@ bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 # The Kubeflow images, tagged as the pipeline names them (params.yaml `pipeline`, or
-# $PSEARCH_IMAGE_CPU / $PSEARCH_IMAGE_GPU). Needs Docker; push with `docker push` after.
+# $PSEARCH_IMAGE_CPU / $PSEARCH_IMAGE_GPU), built by scripts/build_images.sh with Docker, or
+# with podman where there is no Docker (a local Debian base from debootstrap; no registry
+# needed). Push with `docker push` / `podman push` after.
 images: $(STAMP)
-	docker build -f docker/Dockerfile --build-arg PSEARCH_GIT_REV=$$(git rev-parse HEAD) \
-		-t $$($(BIN)/python -m pipelines.settings cpu) .
-	docker build -f docker/Dockerfile.cuda --build-arg PSEARCH_GIT_REV=$$(git rev-parse HEAD) \
-		-t $$($(BIN)/python -m pipelines.settings gpu) .
+	PIP=$(BIN)/pip bash scripts/build_images.sh \
+		$$($(BIN)/python -m pipelines.settings cpu) $$($(BIN)/python -m pipelines.settings gpu)
 
 # pipelines/person_search.yaml, the compiled Kubeflow pipeline that users submit (committed;
 # tests/test_pipeline_compile.py fails when it is stale).

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 from pipelines.compile import DEFAULT_PACKAGE, compile_pipeline
-from pipelines.local import run_local
+from pipelines.local import RUNNERS, run_local
 from pipelines.prepare import prepare
 from pipelines.submit import split_run_params, submit
 from psearch.cli.common import (
@@ -59,6 +59,13 @@ def build_parser(prog: str = "psearch-kfp") -> argparse.ArgumentParser:
         choices=["tiny", "demo", "full"],
         help="synthetic dataset size (default: tiny)",
     )
+    p.add_argument(
+        "--runner",
+        default="subprocess",
+        choices=list(RUNNERS),
+        help="subprocess: each task in this Python environment (default); docker: each task "
+        "in its image (`make images`) on Docker, or podman when there is no Docker",
+    )
 
     p = add_command(
         actions, common, "submit", _submit, help="upload the pipeline to Kubeflow and start a run"
@@ -101,7 +108,9 @@ def _compile(args: argparse.Namespace) -> int:
 
 
 def _run_local(args: argparse.Namespace) -> int:
-    result = run_local(load_params_from_args(args), args.workdir, preset=args.preset)
+    result = run_local(
+        load_params_from_args(args), args.workdir, preset=args.preset, runner=args.runner
+    )
     print_summary(result)
     if result["metrics"]:
         print(f"metrics: {result['metrics']}")

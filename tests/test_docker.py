@@ -76,15 +76,37 @@ def test_dependencies_install_from_the_lock_before_the_source_is_copied(dockerfi
     assert package > src_copy
 
 
-def test_cpu_image_takes_torch_from_the_cpu_index_and_cuda_image_checks_its_base():
-    cpu = " ".join(args for word, args in instructions(DOCKERFILES[0]) if word == "RUN")
-    assert "--index-url https://download.pytorch.org/whl/cpu" in cpu
-    assert instructions(DOCKERFILES[0])[0] == ("FROM", "python:3.11-slim")
+def _arg_default(steps: list[tuple[str, str]], name: str) -> str:
+    return next(a.split("=", 1)[1] for w, a in steps if w == "ARG" and a.startswith(f"{name}="))
+
+
+def test_cpu_image_takes_torch_from_the_cpu_index_only_and_checks_what_it_got():
+    steps = instructions(DOCKERFILES[0])
+    assert steps[1] == ("FROM", "${BASE_IMAGE}")
+    assert _arg_default(steps, "BASE_IMAGE") == "python:3.11-slim"
+    assert _arg_default(steps, "TORCH_SOURCE") == "cpu-index"
+    assert _arg_default(steps, "TORCH_INDEX_URL") == "https://download.pytorch.org/whl/cpu"
+    run = " ".join(args for word, args in steps if word == "RUN")
+    cpu_branch = re.search(r"cpu-index\)(.*?);;", run)[1]
+    # Only PyTorch's index, no extra index or local wheels to fall back on, and a +cpu pin
+    # that no CUDA wheel can satisfy.
+    assert "env -u PIP_EXTRA_INDEX_URL -u PIP_FIND_LINKS" in cpu_branch
+    assert '--index-url "${TORCH_INDEX_URL}"' in cpu_branch
+    assert '"${torch_pin}+cpu"' in cpu_branch and "--extra-index-url" not in cpu_branch
+    # The build fails when the torch it ends with is not what TORCH_SOURCE says.
+    assert "torch.version.cuda" in run and "sys.exit(f'error: TORCH_SOURCE=" in run
+    labels = " ".join(args for word, args in steps if word == "LABEL")
+    assert 'org.psearch.torch-source="${TORCH_SOURCE}"' in labels
+
+
+def test_cuda_image_checks_its_torch_is_the_locked_cuda_build():
     cuda = instructions(DOCKERFILES[1])
-    base = next(args for word, args in cuda if word == "ARG" and args.startswith("BASE_IMAGE="))
+    base = _arg_default(cuda, "BASE_IMAGE")
     locked = re.search(r"^torch==(\S+)$", (REPO / "constraints.txt").read_text(), re.M)[1]
-    assert base.startswith(f"BASE_IMAGE=pytorch/pytorch:{locked}-cuda")
-    assert "torch.__version__" in " ".join(args for word, args in cuda if word == "RUN")
+    assert base.startswith(f"pytorch/pytorch:{locked}-cuda")
+    run = " ".join(args for word, args in cuda if word == "RUN")
+    assert "torch.__version__" in run and "not torch.version.cuda" in run
+    assert "venv --system-site-packages" in run  # sees the base image's torch
 
 
 def test_every_dependency_is_locked():
