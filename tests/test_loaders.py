@@ -254,7 +254,10 @@ def test_missing_image_file_is_a_one_line_error(small_manifests, tmp_path):
 
 
 def test_dataset_root_survives_moved_manifests(tiny_manifests, tiny_dataset, tmp_path, monkeypatch):
-    """A copied manifests dir (a pipeline artifact mounted elsewhere) still finds the images."""
+    """A copied manifests dir (a pipeline artifact mounted elsewhere) still finds the images
+    when dataset.json records the absolute root, as the Kubeflow ingest writes it; DVC's
+    manifests keep only the relative root, so their hashes do not depend on the checkout."""
+    import json
     import shutil
 
     from psearch.data.loaders import DATASET_ROOT_ENV, dataset_root
@@ -262,6 +265,11 @@ def test_dataset_root_survives_moved_manifests(tiny_manifests, tiny_dataset, tmp
 
     moved = tmp_path / "deeper" / "still" / "manifests"
     shutil.copytree(tiny_manifests, moved)
+    info = json.loads((moved / "dataset.json").read_text())
+    assert "root_abs" not in info
+    assert not dataset_root(read_manifests(moved)).is_dir()  # the relative root, now wrong
+    info["root_abs"] = str(tiny_dataset.resolve())
+    (moved / "dataset.json").write_text(json.dumps(info))
     assert dataset_root(read_manifests(moved)) == tiny_dataset.resolve()
     monkeypatch.setenv(DATASET_ROOT_ENV, str(tmp_path))
     assert dataset_root(read_manifests(moved)) == tmp_path

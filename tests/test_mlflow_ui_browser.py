@@ -105,6 +105,9 @@ def test_runs_table_datasets_names_and_the_champion_page(mlflow_ui, tmp_path):
             f"{TRAINING_VIEW}"
         )
         page.wait_for_selector("text=Schema")
+        # The aliases render after the schema; waiting (not a bare count) keeps a loaded
+        # machine from reading the page half drawn. A missing alias still fails here.
+        page.wait_for_selector("text=@ champion", timeout=30_000)
         assert page.locator("text=@ champion").count() == 1
         assert page.locator("text=/^Trained on CUHK-SYSU/").count() == 1
         assert page.locator("text=/Search \\(gallery_100\\): mAP/").count() == 1

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import docker
 import pytest
+from pipeline_quick import quick_overrides
 
 from pipelines import containers
 from pipelines.local import run_local
@@ -24,22 +25,7 @@ from psearch.config import load_params
 from psearch.errors import PsearchError
 
 REPO = Path(__file__).resolve().parents[1]
-# The tiny preset with the least training that still exercises every stage.
-QUICK = [
-    "pretrain.epochs=1",
-    "pretrain.max_steps=2",
-    "pretrain.num_workers=0",
-    "train.epochs=1",
-    "train.max_steps=2",
-    "train.num_workers=0",
-    "extract.num_workers=0",
-    "model.min_size=96",
-    "model.max_size=160",
-    "model.rpn_pre_nms_top_n_test=200",
-    "model.rpn_post_nms_top_n_test=50",
-    "pipeline.extract_shards=2",
-    "tracking.experiment=pipeline-containers-test",
-]
+QUICK = quick_overrides("pipeline-containers-test")
 TASKS = ("dataset-digest", "ingest", "tracking", "pretrain", "train", "extract-merge",
          "evaluate", "index", "register", "promote", "close-runs")  # fmt: skip
 

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
+from pipeline_quick import quick_overrides
 
 from components.runtime import (
     beats_champion,
@@ -28,22 +29,7 @@ from psearch.errors import PsearchError
 from psearch.registry import decide
 
 REPO = Path(__file__).resolve().parents[1]
-# The tiny preset with the least training that still exercises every stage.
-QUICK = [
-    "pretrain.epochs=1",
-    "pretrain.max_steps=2",
-    "pretrain.num_workers=0",
-    "train.epochs=1",
-    "train.max_steps=2",
-    "train.num_workers=0",
-    "extract.num_workers=0",
-    "model.min_size=96",
-    "model.max_size=160",
-    "model.rpn_pre_nms_top_n_test=200",
-    "model.rpn_post_nms_top_n_test=50",
-    "pipeline.extract_shards=2",
-    "tracking.experiment=pipeline-local-test",
-]
+QUICK = quick_overrides("pipeline-local-test")
 
 
 @pytest.fixture(scope="module")

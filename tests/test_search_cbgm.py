@@ -15,13 +15,14 @@ from test_search import QUERY_BOX, _search, gallery  # noqa: F401  (a fixture)
 from psearch.cbgm import context_people, rescore
 from psearch.cli import main
 from psearch.data.manifest import read_manifests
+from psearch.inference.writer import recorded_manifests
 
 
 def _expected(dets_dir: Path, query_name: str, thresh: float) -> dict[str, float]:
     """{image name: best re-ranked similarity} from the stored files, by psearch.cbgm."""
     table = pq.read_table(dets_dir / "gallery_detections.parquet").to_pylist()
     info = json.loads((dets_dir / "extraction.json").read_text())
-    manifests = read_manifests(Path(info["manifests"]))
+    manifests = read_manifests(recorded_manifests(dets_dir, info, None))
     names = dict(
         zip(
             manifests.images["image_id"].to_pylist(),

@@ -10,6 +10,9 @@ import sys
 import pytest
 from test_train import FAST
 
+from psearch.digest import file_sha256
+from psearch.tracking import MODEL_SHA256_TAG
+
 
 @pytest.mark.slow
 def test_torchrun_two_processes_train_one_model_and_one_run(tiny_manifests, tmp_path):
@@ -44,9 +47,10 @@ def test_torchrun_two_processes_train_one_model_and_one_run(tiny_manifests, tmp_
     assert done.returncode == 0, done.stderr[-3000:]
     assert "replicas disagree" not in done.stderr
     info = json.loads((out / "run.json").read_text())
-    assert info["steps"] == 3 and info["images_per_s"] > 0
+    assert info["steps"] == 3 and "images_per_s" not in info  # timings go to MLflow only
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert len(runs) == 1  # only rank 0 tracks
     assert runs[0].data.tags["psearch.world_size"] == "2"
-    assert runs[0].info.run_id == info["run_id"]
+    # run.json holds no run id (DVC output hashes stay reproducible): the run names the model.
+    assert runs[0].data.tags[MODEL_SHA256_TAG] == file_sha256(out / "model.pt")
