@@ -16,7 +16,7 @@ from pathlib import Path
 
 import docker
 import pytest
-from pipeline_quick import quick_overrides
+from pipeline_quick import assert_index_and_metrics, quick_overrides
 
 from pipelines import containers
 from pipelines.local import run_local
@@ -82,12 +82,7 @@ def test_every_stage_runs_in_its_image_and_the_champion_is_registered(container_
     manifests = Path(ingest["artifacts"]["manifests"]["artifacts"][0]["uri"])
     dataset = json.loads((manifests / "dataset.json").read_text())
     assert dataset["root_abs"] == settings_for(params).dataset_mount
-    index = json.loads((run_dir / "index" / "executor_output.json").read_text())
-    index_dir = Path(index["artifacts"]["gallery_index"]["artifacts"][0]["uri"])
-    assert (index_dir / "index.json").is_file()
-    metrics = json.loads(Path(result["metrics"]).read_text())
-    assert set(metrics) == {"search", "detection"}
-    assert {"gallery_50", "gallery_100", "occlusion", "low_resolution"} <= set(metrics["search"])
+    metrics = assert_index_and_metrics(run_dir, result)
     evaluate = json.loads((run_dir / "evaluate" / "executor_output.json").read_text())
     assert evaluate["parameterValues"]["Output"] == metrics["search"]["gallery_100"]["mAP"]
     register = json.loads((run_dir / "register" / "executor_output.json").read_text())

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
-from pipeline_quick import quick_overrides
+from pipeline_quick import assert_index_and_metrics, quick_overrides
 
 from components.runtime import (
     beats_champion,
@@ -52,12 +52,7 @@ def test_run_local_runs_every_stage_and_writes_metrics(local_run):
     assert digest["parameterValues"]["Output"].startswith("sha256:")
     assert len(list(run_dir.glob("for-loop-*-iteration-*/extract"))) == 2
     # The gallery index `psearch serve` loads was built from the merged extraction.
-    index = json.loads((run_dir / "index" / "executor_output.json").read_text())
-    index_dir = Path(index["artifacts"]["gallery_index"]["artifacts"][0]["uri"])
-    assert (index_dir / "index.json").is_file()
-    metrics = json.loads(Path(result["metrics"]).read_text())
-    assert set(metrics) == {"search", "detection"}
-    assert {"gallery_50", "gallery_100", "occlusion", "low_resolution"} <= set(metrics["search"])
+    metrics = assert_index_and_metrics(run_dir, result)
     # evaluate logged the flattened metrics to its Output[Metrics] and returned the decision value.
     evaluate = json.loads((run_dir / "evaluate" / "executor_output.json").read_text())
     logged = evaluate["artifacts"]["metrics"]["artifacts"][0]["metadata"]
