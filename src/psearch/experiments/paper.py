@@ -37,6 +37,7 @@ from psearch.config import Params, to_dict
 from psearch.errors import PsearchError
 from psearch.experiments.cache import RunCache, StepResult
 from psearch.jsonfile import read_json_object
+from psearch.registry import flatten_metrics
 from psearch.tracking import PARENT_RUN_ENV, ParentRun, data_version, stage_metrics, stage_run
 
 STEPS_DIR = "steps"
@@ -245,21 +246,10 @@ def _evaluate(
             if run is not None:
                 import mlflow  # lazy: seconds to import; only a tracked run needs it
 
-                mlflow.log_metrics(stage_metrics("evaluate", _flat_metrics(metrics)))
+                mlflow.log_metrics(stage_metrics("evaluate", flatten_metrics(metrics)))
 
     name = f"evaluate-{label}" + ("-cbgm" if cbgm else "")
     return cache.run(name, {"evaluate": to_dict(cfg)}, [data_key, extraction.key], work)
-
-
-def _flat_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
-    flat: dict[str, float] = {}
-    for key, value in metrics.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flat_metrics(value, name + "."))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            flat[name] = float(value)
-    return flat
 
 
 def _train_identities(trainings: dict[str, StepResult]) -> int | None:
