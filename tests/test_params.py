@@ -42,6 +42,13 @@ def test_params_yaml_lists_every_key_of_params():
     assert not extra, f"params.yaml has keys Params does not know: {extra}"
 
 
+def test_params_yaml_values_are_the_built_in_defaults():
+    # A command run outside the repository (no params.yaml) must train and load models with
+    # the same settings as one run inside it.
+    # (pipeline is free-form, checked by psearch.pipeline: its defaults are params.yaml's.)
+    assert dataclasses.replace(load_params(PARAMS_FILE), pipeline={}) == Params()
+
+
 def test_params_yaml_sections_in_params_order():
     sections = list(yaml.safe_load(PARAMS_FILE.read_text()))
     assert sections == [f.name for f in dataclasses.fields(Params)]

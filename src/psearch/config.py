@@ -53,7 +53,8 @@ class ModelConfig:
     # None = random init; a local file path; or a torchvision weights name (downloads).
     backbone_weights: str | None = None
     feat_dim: int = 256
-    roi_op: Literal["roi_pool", "roi_align"] = "roi_pool"
+    # roi_pool: the paper (configs/ set it); roi_align: the demo default (docs/demo-quality.md).
+    roi_op: Literal["roi_pool", "roi_align"] = "roi_align"
     roi_size: int = 7
     # Width of fc6/fc7 for the small backbone (vgg16 uses 4096, resnet50 its res5 head).
     head_dim: int = 256

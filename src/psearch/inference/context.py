@@ -23,7 +23,9 @@ def detect_query_image(query: Path, joint, params, device, thresh: float):
     step = engine.detect_step(joint, params.extract.amp)
     ((_, (boxes, scores, feats)),) = next(engine.run_chunks([query], [None], step, 1, 0, device))
     keep = scores >= thresh
-    return boxes.reshape(-1, 4)[keep], scores[keep], feats.reshape(len(scores), -1)[keep]
+    # not reshape(n, -1): an image without detections gives empty arrays
+    feats = feats.reshape(len(scores), joint.feat_dim)
+    return boxes.reshape(-1, 4)[keep], scores[keep], feats[keep]
 
 
 def rerank(sims, image_paths, feats, query_feature, query_box, context) -> tuple[np.ndarray, str]:
