@@ -63,7 +63,7 @@ class PersonNet(nn.Module):
         backbone: str = "small",
         backbone_weights: str | None = None,
         feat_dim: int = 256,
-        roi_op: str = "roi_pool",
+        roi_op: str = "roi_align",
         roi_size: int = 7,
         head_dim: int = 256,
         freeze_blocks: int = -1,
