@@ -23,8 +23,14 @@ QUERY_BOX = [12.0, 15.0, 30.0, 80.0]  # query 0: person 3 in s2.png, as x, y, w,
 def gallery(tmp_path_factory, scene_manifests, random_models, inference_params):
     """An extraction directory of the test scenes, and a folder linking the same images."""
     base = tmp_path_factory.mktemp("search")
-    extract(scene_manifests, str(random_models["joint"]), base / "dets", inference_params)
-    tables = read_manifests(scene_manifests)
+    return extracted_gallery(scene_manifests, random_models["joint"], inference_params, base)
+
+
+def extracted_gallery(manifests: Path, model: Path, params, base: Path) -> dict[str, Path]:
+    """{'dets': the extraction of the test scenes by `model`, 'folder': the same images
+    linked into a folder, 'query': the query scene}, under `base`."""
+    extract(manifests, str(model), base / "dets", params)
+    tables = read_manifests(manifests)
     root = Path(tables.info["root"])
     folder = base / "folder"
     folder.mkdir()

@@ -12,14 +12,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import INFERENCE_OVERRIDES
-from test_search import QUERY_BOX
+from test_search import QUERY_BOX, extracted_gallery
 
 from psearch.cbgm import context_people, rescore
 from psearch.cli import main
 from psearch.config import to_dict
 from psearch.data.manifest import read_manifests
 from psearch.inference.context import detect_query_image
-from psearch.inference.extract import extract
 from psearch.inference.loading import load_joint
 from psearch.inference.search import search
 from psearch.inference.writer import recorded_manifests
@@ -52,20 +51,7 @@ def distinct(tmp_path_factory, scene_manifests, params):
     with torch.no_grad():
         net.backbone(torch.rand(4, 3, 96, 128))
     model = save_model(base / "model.pt", net.eval())
-    extract(scene_manifests, str(model), base / "dets", params)
-    tables = read_manifests(scene_manifests)
-    root = Path(tables.info["root"])
-    folder = base / "folder"
-    folder.mkdir()
-    for row in tables.images.to_pylist():
-        if row["split"] == "test":
-            (folder / row["image_name"]).symlink_to(root / row["path"])
-    return {
-        "model": model,
-        "dets": base / "dets",
-        "folder": folder,
-        "query": root / "Image/SSM/s2.png",
-    }
+    return {"model": model, **extracted_gallery(scene_manifests, model, params, base)}
 
 
 def _search(gallery_dir, setup, params, **kwargs):
