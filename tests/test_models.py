@@ -241,6 +241,25 @@ def test_network_defaults_are_the_params_defaults():
     assert all(torch.equal(v, expected[k]) for k, v in from_params.state_dict().items())
 
 
+def test_multi_scale_training_draws_train_sizes_and_tests_at_min_size(net):
+    transform = net.transform
+    image = torch.rand(3, 100, 100)  # square: the shorter side is the size drawn
+    try:
+        net.train_sizes = [64, 80]
+        transform.train()
+        torch.manual_seed(0)
+        drawn = {transform([image])[0].image_sizes[0][0] for _ in range(40)}
+        assert drawn == {64, 80}
+        transform.eval()  # test time ignores the training sizes
+        assert transform([image])[0].image_sizes[0][0] == net.min_size
+        net.train_sizes = []  # single scale again: training also uses min_size
+        transform.train()
+        assert transform([image])[0].image_sizes[0][0] == net.min_size
+    finally:
+        net.train_sizes = []
+        net.train()
+
+
 def test_inference_settings_are_attributes_of_a_built_net():
     changed = {
         "min_size": 96,

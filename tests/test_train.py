@@ -465,6 +465,20 @@ def test_batch_norm_statistics_are_recomputed_after_training(tiny_manifests, tmp
     assert max(float(m.abs().max()) for m in means) > 0.05  # far from the zero init
 
 
+@pytest.mark.parametrize(("factors", "sizes"), [("[0.5,1.0,1.25,0.5]", (75, 150, 188)), ("[]", ())])
+@pytest.mark.filterwarnings("ignore:train. no --init given")
+def test_joint_training_draws_its_scales_from_scale_factors(factors, sizes):
+    from psearch.train.joint import JointTraining
+
+    params = fast_params(f"train.scale_factors={factors}")  # model.min_size=150
+    assert JointTraining(params).build_model(5).train_sizes == sizes
+
+
+def test_a_scale_factor_must_be_positive():
+    with pytest.raises(PsearchError, match=r"train.scale_factors: every entry must be greater"):
+        fast_params("train.scale_factors=[1.0,0]")
+
+
 def test_detector_only_training_has_no_identity_loss(tiny_manifests, tmp_path):
     """train.loss.reid_loss none: the paper's separately trained "Deep" detector. Its
     identity loss is zero, and extraction refuses its (untrained) re-id features."""

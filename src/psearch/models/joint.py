@@ -74,6 +74,20 @@ class RPNHead512(nn.Module):
         return logits, [self.bbox_pred(h).float() for h in hidden]
 
 
+class MultiScaleTransform(GeneralizedRCNNTransform):
+    """torchvision's resize-and-normalise step, with multi-scale training: when `train_sizes`
+    is set, each training image's shorter side is drawn from it. torchvision draws from
+    `min_size`, whose last entry is also the test scale, so the two could not differ."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.train_sizes: tuple[int, ...] = ()
+
+    def torch_choice(self, k: list[int]) -> int:
+        # Called only for a training image's scale (GeneralizedRCNNTransform.resize).
+        return super().torch_choice(list(self.train_sizes) or k)
+
+
 class _PartSetting:
     """A net attribute that reads and writes one setting of a torchvision part: attribute
     ``attr`` of submodule ``part``, or its entry ``key`` (torchvision's RPN keeps its proposal
@@ -134,7 +148,7 @@ class JointNet(PersonNet):
         detector["anchor_sizes"] = list(anchor_sizes)
         detector["anchor_ratios"] = list(anchor_ratios)
         self._detector_settings = detector
-        self.transform = GeneralizedRCNNTransform(
+        self.transform = MultiScaleTransform(
             min_size, max_size, IMAGE_MEAN, IMAGE_STD, size_divisible=32
         )
         anchors = AnchorGenerator(
@@ -182,6 +196,16 @@ class JointNet(PersonNet):
     @min_size.setter
     def min_size(self, value: int) -> None:
         self.transform.min_size = (value,)
+
+    @property
+    def train_sizes(self) -> tuple[int, ...]:
+        """The shorter sides that training draws from, one per image (multi-scale training);
+        () = min_size only. Test time always uses min_size."""
+        return self.transform.train_sizes
+
+    @train_sizes.setter
+    def train_sizes(self, sizes: Sequence[int]) -> None:
+        self.transform.train_sizes = tuple(int(size) for size in sizes)
 
     max_size = _PartSetting("transform", "max_size")
     rpn_pre_nms_top_n_test = _PartSetting("rpn", "_pre_nms_top_n", "testing")

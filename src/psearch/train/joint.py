@@ -72,6 +72,7 @@ class JointTraining(TrainingStage):
         model = build_joint_net(
             num_classes, loss=to_dict(self.cfg.loss), **to_dict(self.params.model)
         )
+        model.train_sizes = train_sizes(self.params.model.min_size, self.cfg.scale_factors)
         if self.init is not None:
             self.transferred = transfer_idnet_weights(model, load_idnet_state(self.init))
         elif self.cfg.loss.reid_loss != "oim" and not self.skipped_init:
@@ -130,6 +131,11 @@ class JointTraining(TrainingStage):
             )
         if self.transferred:
             mlflow.log_text("\n".join(self.transferred) + "\n", "init/transferred_keys.txt")
+
+
+def train_sizes(min_size: int, factors: list[float]) -> list[int]:
+    """The shorter sides multi-scale training draws from: min_size times each factor."""
+    return sorted({max(1, round(min_size * factor)) for factor in factors})
 
 
 def _join(values) -> str:
