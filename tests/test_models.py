@@ -8,6 +8,7 @@ import pytest
 import torch
 from model_fixtures import NUM_CLASSES, synthetic_batch, tiny_settings
 from torchvision import models
+from torchvision.ops import boxes as box_ops
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from psearch.config import LossConfig, ModelConfig
@@ -154,9 +155,9 @@ def test_bf16_autocast_keeps_anchors_proposals_and_box_targets_float32():
     sample = net._sample_rois
 
     def recording_sample(proposals, targets):
-        rois, det, reid, box_targets = sample(proposals, targets)
-        seen["targets"].append(box_targets)
-        return rois, det, reid, box_targets
+        sampled = sample(proposals, targets)
+        seen["targets"].append(sampled[3])  # the box regression targets
+        return sampled
 
     net._sample_rois = recording_sample
     net.train()(images, targets)  # float32 reference
@@ -258,6 +259,50 @@ def test_multi_scale_training_draws_train_sizes_and_tests_at_min_size(net):
     finally:
         net.train_sizes = []
         net.train()
+
+
+def test_sampled_rois_name_the_box_they_match(net):
+    # Two images with two boxes each: the second image's boxes are 2 and 3 of all boxes.
+    boxes = torch.tensor([[10.0, 20.0, 40.0, 100.0], [90.0, 10.0, 120.0, 90.0]])
+    targets = [{"boxes": boxes, "labels": torch.tensor([0, -1])} for _ in range(2)]
+    proposals = [
+        torch.tensor([[12.0, 22.0, 41.0, 98.0], [88.0, 12.0, 121.0, 88.0], [50.0, 0, 80, 30]]),
+        torch.tensor([[91.0, 11.0, 119.0, 92.0], [0.0, 100.0, 20.0, 127.0]]),
+    ]
+    rois, det_labels, _reid, _deltas, box_index = net._sample_rois(proposals, targets)
+    assert (box_index >= 0).tolist() == (det_labels > 0).tolist()
+    offsets = [0, 2]
+    start = 0
+    for image, image_rois in enumerate(rois):
+        index = box_index[start : start + len(image_rois)]
+        start += len(image_rois)
+        foreground = index >= 0
+        assert foreground.any() and (~foreground).any()
+        iou = box_ops.box_iou(image_rois[foreground], boxes)
+        assert (index[foreground] - offsets[image]).tolist() == iou.argmax(1).tolist()
+        assert (iou.max(1).values >= 0.5).all()
+
+
+def test_distillation_loss_pulls_the_roi_features_only(net):
+    images, targets = synthetic_batch()
+    net.train()
+    assert "loss_distill" not in net(images, targets)  # weight 0: the paper's four losses
+    torch.manual_seed(0)
+    for target in targets:
+        teacher = torch.randn(len(target["boxes"]), net.feat_dim)
+        target["teacher"] = torch.nn.functional.normalize(teacher, dim=1)
+    try:
+        net.distill_weight = 2.0
+        net.zero_grad()
+        loss = net(images, targets)["loss_distill"]
+        # 2 x (1 - cosine), cosines of random directions near 0
+        assert 1.0 < float(loss) < 3.0
+        loss.backward()
+        assert net.embedding.weight.grad.abs().sum() > 0
+        assert net.det_score.weight.grad is None and net.box_regressor.weight.grad is None
+    finally:
+        net.distill_weight = 0.0
+        net.zero_grad()
 
 
 def test_inference_settings_are_attributes_of_a_built_net():

@@ -112,7 +112,7 @@ def test_unknown_override_is_rejected_before_training(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "section, defaults", [("pretrain", (64, 16, 0.01)), ("train", (2, 12, 3e-3))]
+    "section, defaults", [("pretrain", (64, 16, 0.01)), ("train", (2, 10, 3e-3))]
 )
 def test_shared_loop_settings_keep_each_sections_defaults_and_names(section, defaults):
     """pretrain and train declare the loop settings once (TrainLoopConfig), each its own schedule."""

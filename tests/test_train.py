@@ -479,6 +479,54 @@ def test_a_scale_factor_must_be_positive():
         fast_params("train.scale_factors=[1.0,0]")
 
 
+@pytest.mark.slow
+def test_distillation_trains_towards_the_idnet_features(trained, tiny_manifests, tmp_path):
+    from psearch import stages
+
+    idnet = trained["tmp"] / "pretrain"
+    params = fast_params("train.distill_weight=3", "train.max_steps=4", "train.log_every=1")
+    stages.train(tiny_manifests, tmp_path / "train", params, init=idnet)
+    with open(tmp_path / "train" / "history.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    # 3 x (1 - cosine): the RoIs start from IDNet's own weights, so near but not at IDNet.
+    distill = [float(row["loss_distill"]) for row in rows]
+    assert len(distill) == 4 and all(0.0 < value < 3.0 for value in distill)
+
+
+@pytest.mark.slow
+def test_distillation_targets_hold_for_flipped_scenes(trained, tiny_manifests, tmp_path):
+    import dataclasses
+
+    from torchvision.io import write_png
+
+    from psearch.data.loaders import SceneDataset, hflip_boxes, num_train_identities, read_image
+    from psearch.data.manifest import read_manifests
+    from psearch.models.io import load_model
+    from psearch.train.distill import teacher_features
+
+    idnet, _ = load_model(trained["tmp"] / "pretrain")
+    manifests = read_manifests(tiny_manifests)
+    record = max(
+        SceneDataset(manifests, num_train_identities(manifests)).records, key=lambda r: len(r.boxes)
+    )
+    flipped_path = tmp_path / "flipped.png"
+    image = read_image(record.path)
+    write_png(image.flip(-1), str(flipped_path))
+    flipped = dataclasses.replace(
+        record,
+        image_id=-1,
+        path=flipped_path,
+        boxes=hflip_boxes(torch.from_numpy(record.boxes), image.shape[-1]).numpy(),
+    )
+    table = teacher_features(idnet, [record, flipped], (64, 32), torch.device("cpu"))
+    assert len(table[record.image_id]) == len(record.boxes) >= 2
+    torch.testing.assert_close(table[-1], table[record.image_id], atol=2e-3, rtol=0)
+    norms = table[record.image_id].norm(dim=1)
+    torch.testing.assert_close(norms, torch.ones_like(norms))
+    cosines = table[record.image_id] @ table[record.image_id].T
+    assert cosines.fill_diagonal_(0).max() < 0.99  # distinct people, distinct targets
+
+
 def test_detector_only_training_has_no_identity_loss(tiny_manifests, tmp_path):
     """train.loss.reid_loss none: the paper's separately trained "Deep" detector. Its
     identity loss is zero, and extraction refuses its (untrained) re-id features."""

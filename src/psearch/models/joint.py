@@ -184,6 +184,10 @@ class JointNet(PersonNet):
         self.box_score_thresh = box_score_thresh
         self.box_nms_thresh = box_nms_thresh
         self.detections_per_img = detections_per_img
+        # Training only (psearch.train.joint sets it): weight of the loss that pulls the
+        # features of RoIs on a person towards that person's IDNet feature, given in the
+        # targets as "teacher" ([N, D], one row per box); 0 = no such loss.
+        self.distill_weight = 0.0
 
     # ------------------------------------------------------------------ settings
 
@@ -285,10 +289,12 @@ class JointNet(PersonNet):
 
     def _sample_rois(
         self, proposals: list[torch.Tensor], targets: list[dict[str, torch.Tensor]]
-    ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Sampled RoIs per image, and their person/background, identity and box targets."""
+    ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sampled RoIs per image, and their person/background, identity and box targets, and
+        the box each matches (an index into all images' boxes; -1 for background)."""
         background = self.num_classes
-        rois, det_labels, reid_labels, box_targets = [], [], [], []
+        rois, det_labels, reid_labels, box_targets, box_index = [], [], [], [], []
+        boxes_before = 0  # boxes of the images before this one
         for props, target in zip(proposals, targets, strict=True):
             gt_boxes = target["boxes"]
             gt_labels = target["labels"].to(torch.int64)
@@ -310,7 +316,15 @@ class JointNet(PersonNet):
                 reid = torch.full_like(matched, background)
                 box_targets.append(torch.zeros_like(props))
             reid_labels.append(reid)
-        return rois, torch.cat(det_labels), torch.cat(reid_labels), torch.cat(box_targets)
+            box_index.append(torch.where(foreground, matched + boxes_before, -1))
+            boxes_before += len(gt_boxes)
+        return (
+            rois,
+            torch.cat(det_labels),
+            torch.cat(reid_labels),
+            torch.cat(box_targets),
+            torch.cat(box_index),
+        )
 
     def _roi_losses(
         self,
@@ -319,7 +333,9 @@ class JointNet(PersonNet):
         targets: list[dict[str, torch.Tensor]],
         image_size: tuple[int, int],
     ) -> dict[str, torch.Tensor]:
-        rois, det_labels, reid_labels, box_targets = self._sample_rois(proposals, targets)
+        rois, det_labels, reid_labels, box_targets, box_index = self._sample_rois(
+            proposals, targets
+        )
         fc7 = self._fc7(feature_map, rois, image_size)
         det_logits = self.det_score(fc7).float()
         deltas = self.box_regressor(fc7).float()
@@ -328,15 +344,22 @@ class JointNet(PersonNet):
         loss_box = F.smooth_l1_loss(
             deltas[positive], box_targets[positive], beta=1 / 9, reduction="sum"
         ) / max(1, det_labels.numel())
-        loss_reid, acc_reid = self.reid_loss(self.embed(fc7), reid_labels)
+        features = self.embed(fc7)
+        loss_reid, acc_reid = self.reid_loss(features, reid_labels)
         acc_det = (det_logits.argmax(1) == det_labels).float().mean()
-        return {
+        losses = {
             "loss_det": loss_det,
             "loss_box": loss_box,
             "loss_reid": loss_reid,
             "acc_det": acc_det.detach(),
             "acc_reid": acc_reid.detach(),
         }
+        if self.distill_weight > 0 and targets and "teacher" in targets[0]:
+            teacher = torch.cat([t["teacher"] for t in targets])
+            losses["loss_distill"] = self.distill_weight * _cosine_distance(
+                features[box_index >= 0], teacher[box_index[box_index >= 0]]
+            )
+        return losses
 
     # ------------------------------------------------------------------ inference
 
@@ -371,6 +394,13 @@ class JointNet(PersonNet):
             {"boxes": b, "scores": s, "features": f}
             for (b, s), f in zip(final_boxes, features, strict=True)
         ]
+
+
+def _cosine_distance(features: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean 1 - cosine of unit-norm rows; 0 (still in the graph) when there are none."""
+    if len(features) == 0:
+        return features.sum() * 0.0
+    return (1.0 - (features * teacher.to(features.dtype)).sum(1)).mean()
 
 
 # The keyword arguments only the joint net has (IDNet has no detector), in the params' order.

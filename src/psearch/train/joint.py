@@ -19,10 +19,12 @@ from psearch.data.loaders import SceneDataset, list_collate
 from psearch.data.manifest import Manifests
 from psearch.digest import file_sha256
 from psearch.errors import PsearchError
-from psearch.models.idnet import transfer_idnet_weights
+from psearch.models.idnet import IDNet, transfer_idnet_weights
+from psearch.models.io import load_model
 from psearch.models.joint import JointNet, build_joint_net
 from psearch.tensorfile import load_tensor_file
 from psearch.train.anchor_check import manifest_coverage
+from psearch.train.distill import TeacherForward
 from psearch.train.pretrain import IDNET_FILE, was_skipped
 from psearch.train.runner import TrainingStage
 
@@ -33,7 +35,10 @@ BN_BATCHES = 32  # batches of scenes that recompute BatchNorm statistics after t
 def forward_scenes(model, batch, device: torch.device):
     images, targets = batch
     images = [image.to(device, non_blocking=True) for image in images]
-    targets = [{"boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for t in targets]
+    targets = [
+        {key: t[key].to(device) for key in ("boxes", "labels", "teacher") if key in t}
+        for t in targets
+    ]
     return model(images, targets), len(images)
 
 
@@ -66,7 +71,10 @@ class JointTraining(TrainingStage):
         self.coverage: dict[str, Any] = {}  # anchor coverage of the training boxes
 
     def build_dataset(self, tables: Manifests, num_classes: int) -> SceneDataset:
-        return SceneDataset(tables, num_classes, "train", hflip=self.cfg.hflip, seed=self.cfg.seed)
+        self.dataset = SceneDataset(
+            tables, num_classes, "train", hflip=self.cfg.hflip, seed=self.cfg.seed
+        )
+        return self.dataset
 
     def build_model(self, num_classes: int) -> JointNet:
         model = build_joint_net(
@@ -75,6 +83,11 @@ class JointTraining(TrainingStage):
         model.train_sizes = train_sizes(self.params.model.min_size, self.cfg.scale_factors)
         if self.init is not None:
             self.transferred = transfer_idnet_weights(model, load_idnet_state(self.init))
+            if self.cfg.distill_weight > 0:
+                model.distill_weight = self.cfg.distill_weight
+                self.forward = TeacherForward(
+                    forward_scenes, records=self.dataset.records, **self.load_teacher(self.init)
+                )
         elif self.cfg.loss.reid_loss != "oim" and not self.skipped_init:
             warnings.warn(
                 "train: no --init given; the paper found joint training from a generic "
@@ -82,6 +95,19 @@ class JointTraining(TrainingStage):
                 stacklevel=3,  # the caller of run()
             )
         return model
+
+    def load_teacher(self, path: Path) -> dict[str, Any]:
+        """The IDNet whose features the joint net's RoIs learn towards, frozen, and its crops'
+        (height, width)."""
+        teacher, meta = load_model(path)
+        if not isinstance(teacher, IDNet):
+            raise PsearchError(f"{path}: not an IDNet (train.distill_weight needs one)")
+        teacher.requires_grad_(False)
+        size = (
+            int(meta.get("crop_height", self.params.pretrain.crop_height)),
+            int(meta.get("crop_width", self.params.pretrain.crop_width)),
+        )
+        return {"teacher": teacher.eval(), "crop_size": size}
 
     def startup_checks(self, tables: Manifests) -> list[str]:
         """How well the anchors fit the training boxes at the training resolution: persons
