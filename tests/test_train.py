@@ -491,6 +491,13 @@ def test_distillation_trains_towards_the_idnet_features(trained, tiny_manifests,
     # 3 x (1 - cosine): the RoIs start from IDNet's own weights, so near but not at IDNet.
     distill = [float(row["loss_distill"]) for row in rows]
     assert len(distill) == 4 and all(0.0 < value < 3.0 for value in distill)
+    detector = stages.train(
+        tiny_manifests,
+        tmp_path / "detector",
+        fast_params("train.distill_weight=3", "train.max_steps=2", "train.loss.reid_loss=none"),
+        init=idnet,
+    )
+    assert "final_loss_distill" not in detector  # the Deep baseline stays a pure detector
 
 
 @pytest.mark.slow

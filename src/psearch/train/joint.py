@@ -83,7 +83,8 @@ class JointTraining(TrainingStage):
         model.train_sizes = train_sizes(self.params.model.min_size, self.cfg.scale_factors)
         if self.init is not None:
             self.transferred = transfer_idnet_weights(model, load_idnet_state(self.init))
-            if self.cfg.distill_weight > 0:
+            # A detector-only net (the Deep baseline) has no re-id features to distil into.
+            if self.cfg.distill_weight > 0 and self.cfg.loss.reid_loss != "none":
                 model.distill_weight = self.cfg.distill_weight
                 self.forward = TeacherForward(
                     forward_scenes, records=self.dataset.records, **self.load_teacher(self.init)
