@@ -18,7 +18,7 @@ from torch import nn
 
 from psearch.config import ModelConfig, Params
 from psearch.errors import PsearchError
-from psearch.models.idnet import IDNet
+from psearch.models.idnet import IDNet, idnet_crop_size
 from psearch.models.io import load_model
 from psearch.models.joint import INFERENCE_SETTINGS, JointNet
 
@@ -109,8 +109,5 @@ def load_idnet(path: str, params: Params, device: torch.device) -> tuple[IDNet, 
     if not isinstance(model, IDNet):
         raise PsearchError(f"{path}: not an IDNet (pass the idnet.pt of psearch pretrain)")
     check_architecture(str(path), model, params.model, IDNET_ARCHITECTURE_FIELDS)
-    crop = (
-        int(meta.get("crop_height", params.pretrain.crop_height)),
-        int(meta.get("crop_width", params.pretrain.crop_width)),
-    )
+    crop = idnet_crop_size(meta, (params.pretrain.crop_height, params.pretrain.crop_width))
     return model.eval().to(device), crop

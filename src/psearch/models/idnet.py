@@ -52,6 +52,12 @@ class IDNet(PersonNet):
         return {"loss_reid": loss, "acc_reid": acc.detach()}
 
 
+def idnet_crop_size(meta: dict[str, Any], default: tuple[int, int]) -> tuple[int, int]:
+    """(height, width) of the crops an IDNet file was trained on (its meta), else `default`
+    (older files did not store it)."""
+    return int(meta.get("crop_height", default[0])), int(meta.get("crop_width", default[1]))
+
+
 def build_idnet(num_classes: int, *, context: float = 1.0, **settings: Any) -> IDNet:
     """An IDNet for ``num_classes`` labelled identities, cutting crops of ``context``.
 

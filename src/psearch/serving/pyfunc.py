@@ -36,7 +36,7 @@ from psearch.data.loaders import dataset_root
 from psearch.data.manifest import read_manifests
 from psearch.errors import PsearchError
 from psearch.imaging import cut_crops
-from psearch.models.idnet import IDNet
+from psearch.models.idnet import IDNet, idnet_crop_size
 from psearch.models.io import load_model
 
 # The pyfunc's code file (see its docstring): MLflow runs it at load time instead of
@@ -129,9 +129,8 @@ class PersonSearchModel(mlflow.pyfunc.PythonModel):
 
     def _crop(self, pixels: torch.Tensor, box: list[float]) -> torch.Tensor:
         """[1, 3, h, w] of a uint8 image: cut as IDNet's training crops are (psearch.imaging)."""
-        height = int(self.meta.get("crop_height", DEFAULT_CROP_SIZE[0]))
-        width = int(self.meta.get("crop_width", DEFAULT_CROP_SIZE[1]))
-        return cut_crops(pixels, [box], (height, width), self.model.context)
+        size = idnet_crop_size(self.meta, DEFAULT_CROP_SIZE)
+        return cut_crops(pixels, [box], size, self.model.context)
 
 
 def example_input(manifests: str | Path, whole_image: bool = True) -> pd.DataFrame | None:

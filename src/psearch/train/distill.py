@@ -48,12 +48,10 @@ class TeacherForward:
     made on the first step, on the training device."""
 
     def __init__(self, forward, teacher: IDNet, records, crop_size: tuple[int, int]) -> None:
-        self.forward, self.teacher, self.records, self.crop_size = (
-            forward,
-            teacher,
-            records,
-            crop_size,
-        )
+        self.forward = forward
+        self.teacher = teacher
+        self.records = records
+        self.crop_size = crop_size
         self.table: dict[int, torch.Tensor] | None = None
 
     def __call__(self, model, batch, device: torch.device):

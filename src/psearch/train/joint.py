@@ -19,8 +19,8 @@ from psearch.data.loaders import SceneDataset, list_collate
 from psearch.data.manifest import Manifests
 from psearch.digest import file_sha256
 from psearch.errors import PsearchError
-from psearch.models.idnet import IDNet, transfer_idnet_weights
-from psearch.models.io import load_model
+from psearch.models.idnet import IDNet, idnet_crop_size, transfer_idnet_weights
+from psearch.models.io import model_from_checkpoint
 from psearch.models.joint import JointNet, build_joint_net
 from psearch.tensorfile import load_tensor_file
 from psearch.train.anchor_check import manifest_coverage
@@ -69,6 +69,7 @@ class JointTraining(TrainingStage):
         self.skipped_init = init is not None and self.init is None
         self.transferred: list[str] = []  # the model's keys copied from the IDNet
         self.coverage: dict[str, Any] = {}  # anchor coverage of the training boxes
+        self.dataset: SceneDataset | None = None  # build_dataset's; distillation reads it
 
     def build_dataset(self, tables: Manifests, num_classes: int) -> SceneDataset:
         self.dataset = SceneDataset(
@@ -82,12 +83,13 @@ class JointTraining(TrainingStage):
         )
         model.train_sizes = train_sizes(self.params.model.min_size, self.cfg.scale_factors)
         if self.init is not None:
-            self.transferred = transfer_idnet_weights(model, load_idnet_state(self.init))
+            idnet = load_idnet_state(self.init)
+            self.transferred = transfer_idnet_weights(model, idnet)
             # A detector-only net (the Deep baseline) has no re-id features to distil into.
             if self.cfg.distill_weight > 0 and self.cfg.loss.reid_loss != "none":
                 model.distill_weight = self.cfg.distill_weight
                 self.forward = TeacherForward(
-                    forward_scenes, records=self.dataset.records, **self.load_teacher(self.init)
+                    forward_scenes, records=self.dataset.records, **self.teacher(idnet)
                 )
         elif self.cfg.loss.reid_loss != "oim" and not self.skipped_init:
             warnings.warn(
@@ -97,18 +99,15 @@ class JointTraining(TrainingStage):
             )
         return model
 
-    def load_teacher(self, path: Path) -> dict[str, Any]:
-        """The IDNet whose features the joint net's RoIs learn towards, frozen, and its crops'
-        (height, width)."""
-        teacher, meta = load_model(path)
+    def teacher(self, idnet: dict[str, Any]) -> dict[str, Any]:
+        """The IDNet (its checkpoint, as read for the transfer) whose features the joint
+        net's RoIs learn towards, frozen, and its crops' (height, width)."""
+        teacher = model_from_checkpoint(idnet, source=str(self.init))
         if not isinstance(teacher, IDNet):
-            raise PsearchError(f"{path}: not an IDNet (train.distill_weight needs one)")
-        teacher.requires_grad_(False)
-        size = (
-            int(meta.get("crop_height", self.params.pretrain.crop_height)),
-            int(meta.get("crop_width", self.params.pretrain.crop_width)),
-        )
-        return {"teacher": teacher.eval(), "crop_size": size}
+            raise PsearchError(f"{self.init}: not an IDNet (train.distill_weight needs one)")
+        pretrain = self.params.pretrain
+        size = idnet_crop_size(idnet.get("meta") or {}, (pretrain.crop_height, pretrain.crop_width))
+        return {"teacher": teacher.requires_grad_(False).eval(), "crop_size": size}
 
     def startup_checks(self, tables: Manifests) -> list[str]:
         """How well the anchors fit the training boxes at the training resolution: persons
