@@ -193,6 +193,25 @@ def test_crop_batches_are_the_whole_scene_crops_in_sampler_order(small_manifests
         assert torch.equal(crop, ds[(epoch, index)][0])  # one item alone: the same pixels
 
 
+def test_random_erasing_fills_one_rectangle_with_the_image_mean(small_manifests):
+    noisy_scenes(small_manifests)
+    plain = CropDataset(small_manifests, 3, 32, 16, seed=4, hflip=0.0)
+    erased = CropDataset(small_manifests, 3, 32, 16, seed=4, hflip=0.0, erase=1.0)
+    mean = torch.tensor(IMAGE_MEAN).view(3, 1, 1)
+    for key in [(0, 0), (0, 1), (1, 0), (2, 3)]:
+        before, after = plain[key][0], erased[key][0]
+        changed = (before != after).any(0)
+        rows, cols = torch.nonzero(changed, as_tuple=True)
+        assert len(rows) > 0
+        # One rectangle, 2-40 % of the crop (rounding aside), holding the mean; the rest kept.
+        top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+        assert changed[top:bottom, left:right].float().mean() > 0.9
+        assert 0.01 <= (bottom - top) * (right - left) / (32 * 16) <= 0.45
+        torch.testing.assert_close(after[:, top:bottom, left:right], mean.expand(3, bottom - top, right - left))
+        assert torch.equal(erased[key][0], after)  # the same rectangle every time for a key
+    assert not torch.equal(erased[(0, 0)][0], erased[(1, 0)][0])  # another epoch, another one
+
+
 def test_a_crop_batch_decodes_each_scene_once(small_manifests, monkeypatch):
     ds = CropDataset(small_manifests, 3, 32, 16, background_ratio=3.0)
     decoded = []

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-from model_fixtures import NUM_CLASSES, synthetic_batch, tiny_settings
+from model_fixtures import NUM_CLASSES, he_init, synthetic_batch, tiny_settings
 from torchvision import models
 from torchvision.ops import boxes as box_ops
 from torchvision.ops.misc import FrozenBatchNorm2d
@@ -315,6 +315,8 @@ def test_inference_settings_are_attributes_of_a_built_net():
         "box_score_thresh": 0.2,
         "box_nms_thresh": 0.3,
         "detections_per_img": 4,
+        "test_scale_factors": [0.75, 1.0],
+        "test_flip": True,
     }
     assert set(changed) == set(INFERENCE_SETTINGS)
     torch.manual_seed(0)
@@ -333,6 +335,73 @@ def test_inference_settings_are_attributes_of_a_built_net():
             assert torch.equal(got[key], want[key]), key
     with pytest.raises(TypeError, match="'anchor_sizes' is not an inference setting"):
         net.set_inference_settings(anchor_sizes=[8])
+
+
+@pytest.fixture(scope="module")
+def distinct_net() -> JointNet:
+    """A He-initialised net: its features differ from box to box and from view to view (the
+    stored init's nearly do not), so a wrong view would show."""
+    torch.manual_seed(0)
+    settings = tiny_settings(test_scale_factors=[], test_flip=False)  # one view unless set
+    return he_init(build_joint_net(NUM_CLASSES, **settings)).eval()
+
+
+def _features(net, images, boxes, scale_factors=(), flip=False):
+    net.set_inference_settings(test_scale_factors=list(scale_factors), test_flip=flip)
+    try:
+        return torch.cat(net.query_features(images, boxes))
+    finally:
+        net.set_inference_settings(test_scale_factors=[], test_flip=False)
+
+
+def test_test_views_average_the_features_of_each_scale_and_the_mirror_image(distinct_net):
+    net = distinct_net
+    images, targets = synthetic_batch()
+    boxes = [t["boxes"] for t in targets]
+    single = _features(net, images, boxes)
+    # The mirror view by hand: mirrored images, boxes mirrored within each image's width.
+    mirrored = _features(
+        net,
+        [image.flip(-1) for image in images],
+        [torch.stack([i.shape[-1] - b[:, 2], b[:, 1], i.shape[-1] - b[:, 0], b[:, 3]], 1)
+         for i, b in zip(images, boxes, strict=True)],
+    )
+    # The 0.75 view by hand: the net's own scale set to 0.75 x (128, 160).
+    net.set_inference_settings(min_size=96, max_size=120)
+    smaller = _features(net, images, boxes)
+    net.set_inference_settings(min_size=128, max_size=160)
+    assert (single * mirrored).sum(1).max() < 0.999 and (single * smaller).sum(1).max() < 0.999
+
+    def unit(x):
+        return x / x.norm(dim=1, keepdim=True)
+
+    torch.testing.assert_close(_features(net, images, boxes, flip=True), unit(single + mirrored))
+    torch.testing.assert_close(
+        _features(net, images, boxes, [1.0, 0.75]), unit(single + smaller)
+    )
+    both = _features(net, images, boxes, [0.75, 1.0], flip=True)
+    assert both.shape == single.shape
+    torch.testing.assert_close(both.norm(dim=1), torch.ones(len(both)))
+
+
+def test_detections_carry_the_mean_view_features_of_their_boxes(distinct_net):
+    """Detection runs once; its boxes' features are what query_features gives for them."""
+    net = distinct_net
+    images, _ = synthetic_batch()
+    with torch.no_grad():
+        plain = net(images)
+        net.set_inference_settings(test_scale_factors=[0.75, 1.0], test_flip=True)
+        try:
+            viewed = net(images)
+            again = net.query_features(images, [d["boxes"] for d in viewed])
+        finally:
+            net.set_inference_settings(test_scale_factors=[], test_flip=False)
+    for before, after, expected in zip(plain, viewed, again, strict=True):
+        assert len(after["boxes"]) > 0
+        assert torch.equal(before["boxes"], after["boxes"])
+        assert torch.equal(before["scores"], after["scores"])
+        assert not torch.allclose(before["features"], after["features"], atol=1e-3)
+        torch.testing.assert_close(after["features"], expected, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize(

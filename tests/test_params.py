@@ -73,6 +73,10 @@ def _psearch(*args: str, cwd: Path) -> subprocess.CompletedProcess:
         ("trian:\n  lr: 0.1\n", "unknown parameter trian"),
         ("model:\n  backbone: alexnet\n", "model.backbone: 'alexnet' is not one of"),
         ("train: [1, 2]\n", "train: expected a mapping"),
+        (
+            "model:\n  test_scale_factors: [1.0, 0]\n",
+            "model.test_scale_factors: every entry must be greater than 0",
+        ),
     ],
 )
 def test_bad_params_file_is_a_one_line_cli_error(tmp_path, content, fragment):

@@ -85,6 +85,11 @@ class ModelConfig:
     # Images are resized so the shorter side is min_size (longer side capped at max_size).
     min_size: int = 288
     max_size: int = 480
+    # Test-time views: a box's feature is the normalised mean of its features with the image
+    # resized to each of these x min_size (and max_size), and also mirrored when test_flip.
+    # [] = min_size alone. Detection runs once, at min_size.
+    test_scale_factors: list[float] = field(default_factory=lambda: [0.89, 1.0, 1.11])
+    test_flip: bool = True
 
 
 @dataclass
@@ -141,6 +146,9 @@ class PretrainConfig(TrainLoopConfig):
     # their surroundings; IDNet pools only the box (psearch.imaging).
     crop_context: float = 1.5
     background_ratio: float = 1.0
+    # Probability that a crop gets one random rectangle (2-40 % of it) filled with the image
+    # mean: random erasing (Zhong et al. 2020), occlusions IDNet has not seen. 0 = none.
+    erase: float = 0.0
     # The paper: 256 crops of 224 x 224. 64 gives the demo's ~1000 crops 15 steps an epoch.
     batch_size: int = 64
     epochs: int = 16
@@ -489,7 +497,12 @@ _NOT_NEGATIVE = (
     "extract.num_workers",
 )
 _ENTRIES_NOT_NEGATIVE = tuple(f"{loop}.lr_steps" for loop in _LOOPS)
-_ENTRIES_POSITIVE = ("model.anchor_sizes", "model.anchor_ratios", "train.scale_factors")
+_ENTRIES_POSITIVE = (
+    "model.anchor_sizes",
+    "model.anchor_ratios",
+    "model.test_scale_factors",
+    "train.scale_factors",
+)
 
 
 def _value(params: Params, key: str) -> Any:

@@ -20,10 +20,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.ops import box_iou
+from torchvision.transforms.functional import erase
 
 from psearch.data.manifest import Manifests
 from psearch.errors import PsearchError
-from psearch.imaging import cut_crops
+from psearch.imaging import IMAGE_MEAN, cut_crops
 
 # A background crop overlaps no annotated person by more than this IoU.
 BACKGROUND_MAX_IOU = 0.3
@@ -234,8 +235,10 @@ class CropDataset(Dataset):
         hflip: float = 0.5,
         seed: int = 0,
         context: float = 1.0,
+        erase: float = 0.0,
     ) -> None:
         self.records = scene_records(manifests, "train", num_classes, require_boxes=True)
+        self.erase = erase
         self.num_classes = num_classes
         self.size = (height, width)
         self.context = context
@@ -277,8 +280,25 @@ class CropDataset(Dataset):
                 crop = cut_crops(image, self.boxes[index], self.size, self.context)[0]
                 if rng.random() < self.hflip:
                     crop = crop.flip(-1)
+                if self.erase > 0 and rng.random() < self.erase:
+                    crop = erase_rectangle(crop, rng)
                 batch[position] = (crop, torch.tensor(self.labels[index]))
         return batch
+
+
+def erase_rectangle(crop: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """`crop` [3, H, W] with one random rectangle of 2-40 % of its area, aspect 0.3-3.3, set to
+    the image mean (zero once normalised): random erasing, Zhong et al. 2020's settings."""
+    height, width = crop.shape[-2:]
+    for _ in range(10):  # a rectangle that does not fit is drawn again, as torchvision does
+        area = rng.uniform(0.02, 0.4) * height * width
+        aspect = np.exp(rng.uniform(np.log(0.3), np.log(1 / 0.3)))
+        h, w = int(round(np.sqrt(area * aspect))), int(round(np.sqrt(area / aspect)))
+        if 0 < h < height and 0 < w < width:
+            top, left = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
+            fill = torch.tensor(IMAGE_MEAN, dtype=crop.dtype).view(3, 1, 1)
+            return erase(crop, top, left, h, w, fill)
+    return crop
 
 
 class TestImageDataset(Dataset):

@@ -6,6 +6,9 @@ image -> GeneralizedRCNNTransform (resize, normalise, batch) -> trunk (stride 16
       -> det_score (person / background softmax), box_regressor (second box regression),
          embedding (fc8, L2-normalised re-id feature) -> identity loss (rss / softmax / oim).
 
+At test time a box's feature can be the normalised mean over several views of its image
+(`test_scale_factors` x `test_flip`): detection always runs once, at `min_size`.
+
 Proposals are detached (torchvision's RPN does so), so the re-id and detection losses of the
 RoI branch reach the shared trunk but never the proposal network's head.
 
@@ -44,6 +47,8 @@ INFERENCE_SETTINGS = (
     "box_score_thresh",
     "box_nms_thresh",
     "detections_per_img",
+    "test_scale_factors",
+    "test_flip",
 )
 
 
@@ -138,6 +143,8 @@ class JointNet(PersonNet):
         detections_per_img: int = 100,
         min_size: int = 288,
         max_size: int = 480,
+        test_scale_factors: Sequence[float] = (0.89, 1.0, 1.11),
+        test_flip: bool = True,
         **person_net: Any,
     ) -> None:
         # The keyword arguments as given (the keyword-only ones, in the signature's order),
@@ -184,6 +191,8 @@ class JointNet(PersonNet):
         self.box_score_thresh = box_score_thresh
         self.box_nms_thresh = box_nms_thresh
         self.detections_per_img = detections_per_img
+        self.test_scale_factors = test_scale_factors
+        self.test_flip = test_flip
         # Training only (psearch.train.joint sets it): weight of the loss that pulls the
         # features of RoIs on a person towards that person's IDNet feature, given in the
         # targets as "teacher" ([N, D], one row per box); 0 = no such loss.
@@ -210,6 +219,20 @@ class JointNet(PersonNet):
     @train_sizes.setter
     def train_sizes(self, sizes: Sequence[int]) -> None:
         self.transform.train_sizes = tuple(int(size) for size in sizes)
+
+    @property
+    def test_scale_factors(self) -> list[float]:
+        """Scales (x min_size) whose features a box's test feature averages; [] = min_size."""
+        return self._test_scale_factors
+
+    @test_scale_factors.setter
+    def test_scale_factors(self, factors: Sequence[float]) -> None:
+        self._test_scale_factors = [float(factor) for factor in factors]
+
+    def _test_views(self) -> list[tuple[float, bool]]:
+        """(scale factor, mirrored) of every view a test feature averages over."""
+        flips = (False, True) if self.test_flip else (False,)
+        return [(scale, flip) for scale in self.test_scale_factors or [1.0] for flip in flips]
 
     max_size = _PartSetting("transform", "max_size")
     rpn_pre_nms_top_n_test = _PartSetting("rpn", "_pre_nms_top_n", "testing")
@@ -271,19 +294,63 @@ class JointNet(PersonNet):
             losses["loss_rpn_box"] = rpn_losses["loss_rpn_box_reg"]
             return losses
         detections = self._detect(feature_map, proposals, image_list.image_sizes, padded)
-        return self.transform.postprocess(detections, image_list.image_sizes, original_sizes)
+        detections = self.transform.postprocess(detections, image_list.image_sizes, original_sizes)
+        if self._test_views() != [(1.0, False)]:
+            boxes = [d["boxes"] for d in detections]
+            base = torch.cat([d["features"] for d in detections])  # view (1.0, not mirrored)
+            features = self._mean_view_features(images, boxes, base)
+            for detection, feature in zip(detections, features, strict=True):
+                detection["features"] = feature
+        return detections
 
     @torch.no_grad()
     def query_features(
         self, images: list[torch.Tensor], boxes: list[torch.Tensor]
     ) -> list[torch.Tensor]:
         """Features of the given boxes (pixels of each input image) in place of proposals."""
-        targets = [{"boxes": b.to(images[i].device, torch.float32)} for i, b in enumerate(boxes)]
-        image_list, targets = self.transform(images, targets)
+        boxes = [b.to(images[i].device, torch.float32) for i, b in enumerate(boxes)]
+        return self._mean_view_features(images, boxes)
+
+    def _mean_view_features(
+        self,
+        images: list[torch.Tensor],
+        boxes: list[torch.Tensor],
+        base: torch.Tensor | None = None,
+    ) -> list[torch.Tensor]:
+        """Per image, the [k, D] normalised mean of the boxes' features over the test views;
+        `base`, when given, holds the unscaled, unmirrored view's (detection computed it)."""
+        total = None
+        for scale, flip in self._test_views():
+            if base is not None and (scale, flip) == (1.0, False):
+                features = base
+            else:
+                features = self._view_features(images, boxes, scale, flip)
+            total = features if total is None else total + features.to(total.dtype)
+        return list(F.normalize(total, dim=1).split([len(b) for b in boxes]))
+
+    def _view_features(
+        self, images: list[torch.Tensor], boxes: list[torch.Tensor], scale: float, flip: bool
+    ) -> torch.Tensor:
+        """[sum k, D] features of boxes (input pixels) with the images resized to `scale` x
+        min_size (and max_size) and, if `flip`, mirrored."""
+        if flip:
+            images = [image.flip(-1) for image in images]
+            boxes = [_mirror(b, image.shape[-1]) for b, image in zip(boxes, images, strict=True)]
+        transform = self.transform
+        if scale != 1.0:
+            # A transform of its own, not the shared one's min_size changed: a served model
+            # may run several requests at once.
+            transform = GeneralizedRCNNTransform(
+                round(self.min_size * scale),
+                round(self.max_size * scale),
+                IMAGE_MEAN,
+                IMAGE_STD,
+                size_divisible=32,
+            ).eval()
+        image_list, targets = transform(images, [{"boxes": b} for b in boxes])
         feature_map = self.backbone(image_list.tensors)
         resized = [t["boxes"] for t in targets]
-        features = self.box_features(feature_map, resized, tuple(image_list.tensors.shape[-2:]))
-        return list(features.split([len(b) for b in resized]))
+        return self.box_features(feature_map, resized, tuple(image_list.tensors.shape[-2:]))
 
     # ------------------------------------------------------------------ training
 
@@ -394,6 +461,13 @@ class JointNet(PersonNet):
             {"boxes": b, "scores": s, "features": f}
             for (b, s), f in zip(final_boxes, features, strict=True)
         ]
+
+
+def _mirror(boxes: torch.Tensor, width: int) -> torch.Tensor:
+    """[k, 4] x1, y1, x2, y2 boxes of an image `width` pixels wide, mirrored left to right."""
+    return torch.stack(
+        [width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1
+    )
 
 
 def _cosine_distance(features: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

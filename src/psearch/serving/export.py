@@ -1,7 +1,8 @@
 """`psearch export`: a joint model as one portable graph (ONNX or TorchScript), and its runner.
 
 The graph takes one image and any number of query boxes and gives what `psearch extract` takes
-from the network, with the same test-time settings (resize, proposals, score threshold, NMS)::
+from the network, with the same test-time settings (resize, proposals, score threshold, NMS,
+the views a feature averages over)::
 
     image        float32 [3, H, W], RGB in 0..1, any H and W
     query_boxes  float32 [K, 4], x1 y1 x2 y2 in image pixels (K may be 0)
@@ -65,13 +66,9 @@ class SearchGraph(nn.Module):
     def forward(
         self, image: torch.Tensor, query_boxes: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        net, transform = self.net, self.net.transform
+        net = self.net
         in_hw = operators.shape_as_tensor(image)[-2:]
-        out_hw = _resized_size(in_hw, transform.min_size[-1], transform.max_size)
-        resized = bilinear_resize(transform.normalize(image), in_hw, out_hw)
-        # x, y, x, y scale from the image to the network's input.
-        ratio = (out_hw.float() / in_hw.float()).flip(0).repeat(2)
-        batched = transform.batch_images([resized], size_divisible=transform.size_divisible)
+        batched, ratio, out_hw = self._network_input(image, in_hw, 1.0)
         size = (out_hw[0], out_hw[1])
         feature_map = net.backbone(batched)
         proposals, _ = net.rpn(ImageList(batched, [size]), {"0": feature_map})
@@ -86,10 +83,51 @@ class SearchGraph(nn.Module):
         boxes, scores = boxes[keep], scores[keep]
         keep = tv_boxes.nms(boxes, scores, _setting(net, "box_nms_thresh"))
         keep = keep[: _setting(net, "detections_per_img")]
-        boxes, scores = boxes[keep], scores[keep]
-        features = net.embed(net._fc7(feature_map, [boxes], padded))
-        query_features = net.embed(net._fc7(feature_map, [query_boxes * ratio], padded))
-        return boxes / ratio, scores, features, query_features
+        net_boxes, scores = boxes[keep], scores[keep]  # in the network input's pixels
+        boxes = net_boxes / ratio
+        # As JointNet: each feature is the normalised mean over the test views (scales x
+        # mirror); the unscaled, unmirrored view reuses the detection's feature map.
+        features, query_features = 0.0, 0.0
+        for scale, flip in net._test_views():
+            if (scale, flip) == (1.0, False):
+                view_map, view_padded = feature_map, padded
+                view_boxes, view_queries = net_boxes, query_boxes * ratio
+            else:
+                view_input, view_ratio, _ = self._network_input(
+                    image.flip(-1) if flip else image, in_hw, scale
+                )
+                view_map, view_padded = net.backbone(view_input), view_input.shape[-2:]
+                view_boxes, view_queries = boxes, query_boxes
+                if flip:
+                    view_boxes = _mirror(view_boxes, in_hw[1])
+                    view_queries = _mirror(view_queries, in_hw[1])
+                view_boxes, view_queries = view_boxes * view_ratio, view_queries * view_ratio
+            features = features + net.embed(net._fc7(view_map, [view_boxes], view_padded))
+            query_features = query_features + net.embed(
+                net._fc7(view_map, [view_queries], view_padded)
+            )
+        return boxes, scores, F.normalize(features, dim=1), F.normalize(query_features, dim=1)
+
+    def _network_input(self, image: torch.Tensor, in_hw: torch.Tensor, scale: float):
+        """(the network's padded input, the x, y, x, y scale from image pixels to it, and the
+        resized size) for the image resized to `scale` x (min_size, max_size)."""
+        transform = self.net.transform
+        min_size, max_size = transform.min_size[-1], transform.max_size
+        if scale != 1.0:  # as JointNet._view_features
+            min_size, max_size = round(min_size * scale), round(max_size * scale)
+        out_hw = _resized_size(in_hw, min_size, max_size)
+        resized = bilinear_resize(transform.normalize(image), in_hw, out_hw)
+        ratio = (out_hw.float() / in_hw.float()).flip(0).repeat(2)
+        batched = transform.batch_images([resized], size_divisible=transform.size_divisible)
+        return batched, ratio, out_hw
+
+
+def _mirror(boxes: torch.Tensor, width: torch.Tensor) -> torch.Tensor:
+    """x1, y1, x2, y2 boxes mirrored left to right in an image `width` pixels wide."""
+    width = width.to(boxes.dtype)
+    return torch.stack(
+        (width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]), dim=1
+    )
 
 
 def _resized_size(in_hw: torch.Tensor, min_size: int, max_size: int) -> torch.Tensor:

@@ -67,6 +67,7 @@ class Pretraining(TrainingStage):
             hflip=cfg.hflip,
             seed=cfg.seed,
             context=cfg.crop_context,
+            erase=cfg.erase,
         )
 
     @property
