@@ -207,7 +207,9 @@ def test_random_erasing_fills_one_rectangle_with_the_image_mean(small_manifests)
         top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
         assert changed[top:bottom, left:right].float().mean() > 0.9
         assert 0.01 <= (bottom - top) * (right - left) / (32 * 16) <= 0.45
-        torch.testing.assert_close(after[:, top:bottom, left:right], mean.expand(3, bottom - top, right - left))
+        torch.testing.assert_close(
+            after[:, top:bottom, left:right], mean.expand(3, bottom - top, right - left)
+        )
         assert torch.equal(erased[key][0], after)  # the same rectangle every time for a key
     assert not torch.equal(erased[(0, 0)][0], erased[(1, 0)][0])  # another epoch, another one
 

@@ -283,6 +283,25 @@ def test_sampled_rois_name_the_box_they_match(net):
         assert (iou.max(1).values >= 0.5).all()
 
 
+def test_only_rois_close_to_their_box_are_distilled(net):
+    boxes = torch.tensor([[10.0, 20.0, 40.0, 100.0]])
+    targets = [{"boxes": boxes, "labels": torch.tensor([0])}]
+    # IoU with the box: 0.86 (close), 0.625 (loose, still a person RoI), 0 (background).
+    proposals = [
+        torch.tensor([[12.0, 22.0, 41.0, 98.0], [10.0, 20.0, 40.0, 70.0], [60, 0, 90, 80]])
+    ]
+    try:
+        for threshold, distilled in ((0.5, 3), (0.7, 2), (1.0, 1)):  # the box itself is a RoI
+            net.distill_iou = threshold
+            rois, det_labels, _reid, _deltas, box_index = net._sample_rois(proposals, targets)
+            assert int((det_labels > 0).sum()) == 3  # detection's foreground does not change
+            assert int((box_index >= 0).sum()) == distilled, threshold
+            iou = box_ops.box_iou(rois[0][box_index >= 0], boxes)
+            assert (iou >= threshold - 1e-6).all()
+    finally:
+        net.distill_iou = 0.5
+
+
 def test_distillation_loss_pulls_the_roi_features_only(net):
     images, targets = synthetic_batch()
     net.train()
@@ -363,8 +382,10 @@ def test_test_views_average_the_features_of_each_scale_and_the_mirror_image(dist
     mirrored = _features(
         net,
         [image.flip(-1) for image in images],
-        [torch.stack([i.shape[-1] - b[:, 2], b[:, 1], i.shape[-1] - b[:, 0], b[:, 3]], 1)
-         for i, b in zip(images, boxes, strict=True)],
+        [
+            torch.stack([i.shape[-1] - b[:, 2], b[:, 1], i.shape[-1] - b[:, 0], b[:, 3]], 1)
+            for i, b in zip(images, boxes, strict=True)
+        ],
     )
     # The 0.75 view by hand: the net's own scale set to 0.75 x (128, 160).
     net.set_inference_settings(min_size=96, max_size=120)
@@ -376,9 +397,7 @@ def test_test_views_average_the_features_of_each_scale_and_the_mirror_image(dist
         return x / x.norm(dim=1, keepdim=True)
 
     torch.testing.assert_close(_features(net, images, boxes, flip=True), unit(single + mirrored))
-    torch.testing.assert_close(
-        _features(net, images, boxes, [1.0, 0.75]), unit(single + smaller)
-    )
+    torch.testing.assert_close(_features(net, images, boxes, [1.0, 0.75]), unit(single + smaller))
     both = _features(net, images, boxes, [0.75, 1.0], flip=True)
     assert both.shape == single.shape
     torch.testing.assert_close(both.norm(dim=1), torch.ones(len(both)))

@@ -73,6 +73,8 @@ def _psearch(*args: str, cwd: Path) -> subprocess.CompletedProcess:
         ("trian:\n  lr: 0.1\n", "unknown parameter trian"),
         ("model:\n  backbone: alexnet\n", "model.backbone: 'alexnet' is not one of"),
         ("train: [1, 2]\n", "train: expected a mapping"),
+        ("train:\n  distill_iou: 1.5\n", "train.distill_iou: must be from 0 to 1, got 1.5"),
+        ("pretrain:\n  erase: -0.1\n", "pretrain.erase: must be from 0 to 1, got -0.1"),
         (
             "model:\n  test_scale_factors: [1.0, 0]\n",
             "model.test_scale_factors: every entry must be greater than 0",

@@ -15,6 +15,7 @@ from psearch.cli import main as cli_main
 from psearch.config import load_params
 from psearch.digest import file_sha256
 from psearch.errors import PsearchError
+from psearch.models.io import load_model
 from psearch.tracking import MODEL_SHA256_TAG
 from psearch.train.checkpoint import checkpoint_dir, latest_checkpoint
 from psearch.train.engine import lr_factor
@@ -463,6 +464,24 @@ def test_batch_norm_statistics_are_recomputed_after_training(tiny_manifests, tmp
     assert tracked and all(int(v) == batches for v in tracked)
     means = [v for k, v in state.items() if k.endswith("running_mean")]
     assert max(float(m.abs().max()) for m in means) > 0.05  # far from the zero init
+
+
+@pytest.mark.filterwarnings("ignore:train. no --init given")
+def test_joint_batch_norm_statistics_come_from_one_view_per_scene(tiny_manifests, tmp_path):
+    """The test views (several scales, mirrored) are for features only: recalibration runs
+    each batch once, at min_size, and leaves the views as the params set them."""
+    from psearch import stages
+    from psearch.train.joint import BN_BATCHES
+
+    params = fast_params("train.max_steps=1", "model.test_flip=true")
+    assert params.model.test_scale_factors == [0.89, 1.0, 1.11]
+    info = stages.train(tiny_manifests, tmp_path / "model", params)
+    state = _state(tmp_path / "model" / "model.pt")
+    batches = min(BN_BATCHES, info["train_images"] // params.train.batch_size)
+    tracked = {int(v) for k, v in state.items() if k.endswith("num_batches_tracked")}
+    assert tracked == {batches}, (tracked, batches)
+    model, _ = load_model(tmp_path / "model" / "model.pt")
+    assert model.test_scale_factors == [0.89, 1.0, 1.11] and model.test_flip is True
 
 
 @pytest.mark.parametrize(("factors", "sizes"), [("[0.5,1.0,1.25,0.5]", (75, 150, 188)), ("[]", ())])

@@ -197,6 +197,7 @@ class JointNet(PersonNet):
         # features of RoIs on a person towards that person's IDNet feature, given in the
         # targets as "teacher" ([N, D], one row per box); 0 = no such loss.
         self.distill_weight = 0.0
+        self.distill_iou = ROI_FG_IOU  # only RoIs at least this close to their box are distilled
 
     # ------------------------------------------------------------------ settings
 
@@ -335,7 +336,9 @@ class JointNet(PersonNet):
         min_size (and max_size) and, if `flip`, mirrored."""
         if flip:
             images = [image.flip(-1) for image in images]
-            boxes = [_mirror(b, image.shape[-1]) for b, image in zip(boxes, images, strict=True)]
+            boxes = [
+                mirror_boxes(b, image.shape[-1]) for b, image in zip(boxes, images, strict=True)
+            ]
         transform = self.transform
         if scale != 1.0:
             # A transform of its own, not the shared one's min_size changed: a served model
@@ -358,7 +361,8 @@ class JointNet(PersonNet):
         self, proposals: list[torch.Tensor], targets: list[dict[str, torch.Tensor]]
     ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Sampled RoIs per image, and their person/background, identity and box targets, and
-        the box each matches (an index into all images' boxes; -1 for background)."""
+        the box each is distilled towards (an index into all images' boxes; -1 for background
+        and for RoIs below `distill_iou`)."""
         background = self.num_classes
         rois, det_labels, reid_labels, box_targets, box_index = [], [], [], [], []
         boxes_before = 0  # boxes of the images before this one
@@ -367,13 +371,16 @@ class JointNet(PersonNet):
             gt_labels = target["labels"].to(torch.int64)
             props = torch.cat([props, gt_boxes.to(props.dtype)])  # gt boxes are RoIs too
             if len(gt_boxes):
-                matched = self.matcher(box_ops.box_iou(gt_boxes, props))
+                iou = box_ops.box_iou(gt_boxes, props)
+                matched, best_iou = self.matcher(iou), iou.max(0).values
             else:
                 matched = torch.full((len(props),), -1, dtype=torch.int64, device=props.device)
+                best_iou = torch.zeros(len(props), device=props.device)
             foreground = matched >= 0
             positive, negative = self.sampler([foreground.to(torch.int64)])
             keep = torch.where(positive[0] | negative[0])[0]
             props, matched, foreground = props[keep], matched[keep].clamp(min=0), foreground[keep]
+            distilled = foreground & (best_iou[keep] >= self.distill_iou)
             rois.append(props)
             det_labels.append(foreground.to(torch.int64))
             if len(gt_boxes):
@@ -383,7 +390,7 @@ class JointNet(PersonNet):
                 reid = torch.full_like(matched, background)
                 box_targets.append(torch.zeros_like(props))
             reid_labels.append(reid)
-            box_index.append(torch.where(foreground, matched + boxes_before, -1))
+            box_index.append(torch.where(distilled, matched + boxes_before, -1))
             boxes_before += len(gt_boxes)
         return (
             rois,
@@ -463,11 +470,9 @@ class JointNet(PersonNet):
         ]
 
 
-def _mirror(boxes: torch.Tensor, width: int) -> torch.Tensor:
+def mirror_boxes(boxes: torch.Tensor, width: int | torch.Tensor) -> torch.Tensor:
     """[k, 4] x1, y1, x2, y2 boxes of an image `width` pixels wide, mirrored left to right."""
-    return torch.stack(
-        [width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1
-    )
+    return torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
 
 
 def _cosine_distance(features: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

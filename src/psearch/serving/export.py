@@ -39,6 +39,7 @@ from psearch import __version__
 from psearch.atomic import atomic_file
 from psearch.errors import PsearchError
 from psearch.inference.index import weights_fingerprint
+from psearch.models.joint import mirror_boxes
 from psearch.tracking import tracking_uri
 
 FORMATS = ("onnx", "torchscript")
@@ -99,8 +100,8 @@ class SearchGraph(nn.Module):
                 view_map, view_padded = net.backbone(view_input), view_input.shape[-2:]
                 view_boxes, view_queries = boxes, query_boxes
                 if flip:
-                    view_boxes = _mirror(view_boxes, in_hw[1])
-                    view_queries = _mirror(view_queries, in_hw[1])
+                    view_boxes = mirror_boxes(view_boxes, in_hw[1])
+                    view_queries = mirror_boxes(view_queries, in_hw[1])
                 view_boxes, view_queries = view_boxes * view_ratio, view_queries * view_ratio
             features = features + net.embed(net._fc7(view_map, [view_boxes], view_padded))
             query_features = query_features + net.embed(
@@ -120,14 +121,6 @@ class SearchGraph(nn.Module):
         ratio = (out_hw.float() / in_hw.float()).flip(0).repeat(2)
         batched = transform.batch_images([resized], size_divisible=transform.size_divisible)
         return batched, ratio, out_hw
-
-
-def _mirror(boxes: torch.Tensor, width: torch.Tensor) -> torch.Tensor:
-    """x1, y1, x2, y2 boxes mirrored left to right in an image `width` pixels wide."""
-    width = width.to(boxes.dtype)
-    return torch.stack(
-        (width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]), dim=1
-    )
 
 
 def _resized_size(in_hw: torch.Tensor, min_size: int, max_size: int) -> torch.Tensor:

@@ -43,8 +43,15 @@ def forward_scenes(model, batch, device: torch.device):
 
 
 def infer_scenes(model, batch, device: torch.device) -> None:
-    """The inference pass (for BatchNorm recalibration)."""
-    model([image.to(device, non_blocking=True) for image in batch[0]])
+    """The inference pass (for BatchNorm recalibration), at min_size alone: the test views'
+    extra passes would average their scales into the statistics, which scored lower
+    (docs/demo-quality.md)."""
+    views = {"test_scale_factors": model.test_scale_factors, "test_flip": model.test_flip}
+    model.set_inference_settings(test_scale_factors=[], test_flip=False)
+    try:
+        model([image.to(device, non_blocking=True) for image in batch[0]])
+    finally:
+        model.set_inference_settings(**views)
 
 
 class JointTraining(TrainingStage):
@@ -88,6 +95,7 @@ class JointTraining(TrainingStage):
             # A detector-only net (the Deep baseline) has no re-id features to distil into.
             if self.cfg.distill_weight > 0 and self.cfg.loss.reid_loss != "none":
                 model.distill_weight = self.cfg.distill_weight
+                model.distill_iou = self.cfg.distill_iou
                 self.forward = TeacherForward(
                     forward_scenes, records=self.dataset.records, **self.teacher(idnet)
                 )
