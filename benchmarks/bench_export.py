@@ -97,7 +97,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    params = load_params(None, ["tracking.enabled=false"])
+    # One test view, as the figures in benchmarks/README.md (the demo's six: about 2.5 x).
+    params = load_params(
+        None, ["tracking.enabled=false", "model.test_scale_factors=[]", "model.test_flip=false"]
+    )
     net = build_net(params)
     rng = np.random.default_rng(0)
     images = [rng.random((3, *SIZE), dtype=np.float32) for _ in range(args.images)]

@@ -84,6 +84,10 @@ def run_once(
         f"extract.batch_size={batch_size}",
         "extract.num_workers=2",
         "tracking.enabled=false",
+        # One test view, as the paper and the figures in benchmarks/README.md (the demo's six
+        # views cost about 2.5 x per image: docs/extraction-and-search.md#test-time-views).
+        "model.test_scale_factors=[]",
+        "model.test_flip=false",
     ]
     params = load_params(None, overrides)
     with tempfile.TemporaryDirectory() as tmp:

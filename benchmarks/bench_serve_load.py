@@ -37,6 +37,8 @@ from psearch.inference.writer import gallery_table  # noqa: E402
 
 OVERRIDES = [o for o in INFERENCE_OVERRIDES if not o.startswith("model.feat_dim")]
 OVERRIDES += ["model.feat_dim=256", "index.det_thresh=0.0"]
+# One test view, as the figures in benchmarks/README.md (the demo's six: about 2.5 x per image).
+OVERRIDES += ["model.test_scale_factors=[]", "model.test_flip=false"]
 
 
 def build_gallery(base: Path, detections: int) -> tuple[Path, Path]:

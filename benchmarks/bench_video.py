@@ -59,6 +59,10 @@ def run_once(video: str, every_frames: int) -> dict:
         "extract.device=cpu",
         "extract.batch_size=4",
         "tracking.enabled=false",
+        # One test view, as the paper and the figures in benchmarks/README.md (the demo's six
+        # views cost about 2.5 x per image: docs/extraction-and-search.md#test-time-views).
+        "model.test_scale_factors=[]",
+        "model.test_flip=false",
     ]
     params = load_params(None, overrides)
     with tempfile.TemporaryDirectory() as tmp:
