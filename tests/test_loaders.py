@@ -19,7 +19,6 @@ from psearch.data.loaders import (
     SceneDataset,
     TestImageDataset,
     dataset_root,
-    hflip_boxes,
     list_collate,
     make_loader,
     num_train_identities,
@@ -27,7 +26,7 @@ from psearch.data.loaders import (
 )
 from psearch.data.manifest import MANIFEST_SCHEMAS, read_manifests, write_parquet
 from psearch.errors import PsearchError
-from psearch.imaging import IMAGE_MEAN, crop_size
+from psearch.imaging import IMAGE_MEAN, crop_size, hflip_boxes
 
 W, H = 64, 48
 

@@ -525,8 +525,9 @@ def test_distillation_targets_hold_for_flipped_scenes(trained, tiny_manifests, t
 
     from torchvision.io import write_png
 
-    from psearch.data.loaders import SceneDataset, hflip_boxes, num_train_identities, read_image
+    from psearch.data.loaders import SceneDataset, num_train_identities, read_image
     from psearch.data.manifest import read_manifests
+    from psearch.imaging import hflip_boxes
     from psearch.models.io import load_model
     from psearch.train.distill import teacher_features
 

@@ -24,6 +24,12 @@ IMAGE_MEAN = [0.485, 0.456, 0.406]
 IMAGE_STD = [0.229, 0.224, 0.225]
 
 
+def hflip_boxes(boxes: torch.Tensor, width: int | torch.Tensor) -> torch.Tensor:
+    """[k, 4] x1, y1, x2, y2 boxes of an image `width` pixels wide, mirrored left to right
+    (`width` may be a tensor: the exported graph traces it)."""
+    return torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
+
+
 def crop_size(size: tuple[int, int], context: float) -> tuple[int, int]:
     """(height, width) of a crop whose inner person box is resized to ``size``."""
     return round(size[0] * context), round(size[1] * context)

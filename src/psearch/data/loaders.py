@@ -24,7 +24,7 @@ from torchvision.transforms.functional import erase
 
 from psearch.data.manifest import Manifests
 from psearch.errors import PsearchError
-from psearch.imaging import IMAGE_MEAN, cut_crops
+from psearch.imaging import IMAGE_MEAN, cut_crops, hflip_boxes
 
 # A background crop overlaps no annotated person by more than this IoU.
 BACKGROUND_MAX_IOU = 0.3
@@ -136,14 +136,6 @@ def _item_rng(seed: int, key: int | tuple[int, int]) -> tuple[int, np.random.Gen
     """(index, generator) for a sampler key: an index, or (epoch, index) from EpochSampler."""
     epoch, index = key if isinstance(key, tuple) else (0, key)
     return int(index), np.random.default_rng([seed, epoch, index])
-
-
-def hflip_boxes(boxes: torch.Tensor, width: int) -> torch.Tensor:
-    """Mirror x1y1x2y2 boxes in an image of `width` pixels."""
-    flipped = boxes.clone()
-    flipped[:, 0] = width - boxes[:, 2]
-    flipped[:, 2] = width - boxes[:, 0]
-    return flipped
 
 
 class SceneDataset(Dataset):

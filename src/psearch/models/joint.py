@@ -32,7 +32,7 @@ from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import boxes as box_ops
 
-from psearch.imaging import IMAGE_MEAN, IMAGE_STD
+from psearch.imaging import IMAGE_MEAN, IMAGE_STD, hflip_boxes
 from psearch.models.person_net import PersonNet
 
 ROI_FG_IOU = 0.5  # a RoI is foreground from this IoU with a ground-truth box (py-faster-rcnn)
@@ -337,7 +337,7 @@ class JointNet(PersonNet):
         if flip:
             images = [image.flip(-1) for image in images]
             boxes = [
-                mirror_boxes(b, image.shape[-1]) for b, image in zip(boxes, images, strict=True)
+                hflip_boxes(b, image.shape[-1]) for b, image in zip(boxes, images, strict=True)
             ]
         transform = self.transform
         if scale != 1.0:
@@ -468,11 +468,6 @@ class JointNet(PersonNet):
             {"boxes": b, "scores": s, "features": f}
             for (b, s), f in zip(final_boxes, features, strict=True)
         ]
-
-
-def mirror_boxes(boxes: torch.Tensor, width: int | torch.Tensor) -> torch.Tensor:
-    """[k, 4] x1, y1, x2, y2 boxes of an image `width` pixels wide, mirrored left to right."""
-    return torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
 
 
 def _cosine_distance(features: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

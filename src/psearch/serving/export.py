@@ -38,8 +38,8 @@ from torchvision.models.detection.image_list import ImageList
 from psearch import __version__
 from psearch.atomic import atomic_file
 from psearch.errors import PsearchError
+from psearch.imaging import hflip_boxes
 from psearch.inference.index import weights_fingerprint
-from psearch.models.joint import mirror_boxes
 from psearch.tracking import tracking_uri
 
 FORMATS = ("onnx", "torchscript")
@@ -100,8 +100,8 @@ class SearchGraph(nn.Module):
                 view_map, view_padded = net.backbone(view_input), view_input.shape[-2:]
                 view_boxes, view_queries = boxes, query_boxes
                 if flip:
-                    view_boxes = mirror_boxes(view_boxes, in_hw[1])
-                    view_queries = mirror_boxes(view_queries, in_hw[1])
+                    view_boxes = hflip_boxes(view_boxes, in_hw[1])
+                    view_queries = hflip_boxes(view_queries, in_hw[1])
                 view_boxes, view_queries = view_boxes * view_ratio, view_queries * view_ratio
             features = features + net.embed(net._fc7(view_map, [view_boxes], view_padded))
             query_features = query_features + net.embed(
